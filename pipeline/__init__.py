@@ -1,0 +1,1 @@
+"""UniME training pipeline: Ray Data + Ray Train + DeepSpeed."""
