@@ -9,3 +9,75 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+# -- S3 on loopback (tests/s3_server.py) ---------------------------------------------------------
+import uuid  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server for the session; the env points storage (and boto3) at it."""
+    from pipeline import storage
+    from tests.s3_server import LocalS3Server
+
+    server = LocalS3Server()
+    url = server.start()
+    env = {**S3_TEST_ENV, "AWS_ENDPOINT_URL": url}
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_ENDPOINT_URL_S3", "AWS_REGION"]}
+    os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+    os.environ.pop("AWS_REGION", None)
+    os.environ.update(env)
+    storage.reset_filesystems()
+    try:
+        yield url
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        storage.reset_filesystems()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> str:
+    """A fresh, empty bucket on the test endpoint: ``s3://<name>``."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
+        Bucket=name)
+    return f"s3://{name}"
+
+
+# -- Ray on loopback -----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def ray_local(s3_endpoint: str) -> Iterator[None]:
+    """One local Ray instance for the session, started the way jobs start it.
+
+    It depends on ``s3_endpoint`` so that workers inherit the S3 test endpoint.
+    """
+    import ray
+
+    from pipeline import storage
+    from pipeline.config import load_config
+    from pipeline.ray_utils import init_ray
+
+    storage.configure()
+    init_ray(load_config(None, ["ray.num_cpus=4", "ray.object_store_memory_mb=512",
+                                "ray.progress_bars=false"]))
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,25 @@
+"""Prepare: raw sources (or the built-in demo world) -> canonical Parquet shards.
+
+Local:    python jobs/prepare_data.py --config jobs/configs/demo.yaml
+Cluster:  ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
+              python jobs/prepare_data.py --config jobs/configs/demo.yaml output_root=s3://BUCKET/runs/demo
+Outputs:  <output_root>/prepare_data/{text_groups,pairs,eval_images,eval}/ + _manifest.json
+"""
+from __future__ import annotations
+
+import _bootstrap  # noqa: F401  (makes `pipeline` importable from a plain checkout)
+
+from pipeline.cli import parse_config
+from pipeline.data.prepare import format_summary, prepare_data
+from pipeline.ray_utils import init_ray
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(argv, __doc__)
+    init_ray(config)
+    manifest = prepare_data(config)
+    print(format_summary(manifest, config.step_dir("prepare_data")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""Typed, frozen run configuration: YAML file + dotted ``key=value`` overrides.
+
+A config is a tree of frozen dataclasses. ``load_config`` reads a YAML file, applies
+overrides such as ``data.image_size=64`` and validates every value against its type
+and bounds, so a bad config fails at start with a message naming the key (and the
+allowed values), never an hour into a run.
+
+The resolved config has a stable hash (``config_hash``) over the fields that change
+what a run computes; runtime-only fields (Ray address, CPU counts, S3 endpoint) are
+left out of it. The run name and the default output prefix derive from that hash,
+never from the clock, so a relaunch finds and resumes its own outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import logging
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key."""
+
+
+def _knob(default: Any, *, help: str, hashed: bool = True, min: float | None = None,
+          max: float | None = None) -> Any:
+    """A config field with documentation, bounds and whether it enters the config hash."""
+    meta = {"help": help, "hashed": hashed, "min": min, "max": max}
+    return field(default=default, metadata=meta)
+
+
+def _section(cls: type, *, help: str, hashed: bool = True) -> Any:
+    return field(default_factory=cls, metadata={"help": help, "hashed": hashed})
+
+
+# ---------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where and how Ray runs. Runtime-only: not part of the config hash."""
+
+    address: str = _knob("", hashed=False, help="Ray cluster address; '' = RAY_ADDRESS env "
+                         "or a new local instance")
+    num_cpus: int = _knob(4, hashed=False, min=1, help="logical CPUs of a new local Ray "
+                          "instance (more than physical cores avoids actor-pool starvation)")
+    object_store_memory_mb: int = _knob(768, hashed=False, min=128,
+                                        help="object store size of a new local instance, MiB")
+    progress_bars: bool = _knob(True, hashed=False, help="show Ray Data progress bars")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """S3 settings. Credentials never go here: they come from the environment or an
+    instance role."""
+
+    s3_endpoint_url: str = _knob("", hashed=False, help="S3-compatible endpoint; '' = "
+                                 "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL env or AWS")
+    s3_region: str = _knob("", hashed=False, help="S3 region; '' = AWS_DEFAULT_REGION env")
+    max_attempts: int = _knob(5, hashed=False, min=1, max=20,
+                              help="attempts per storage call on transient errors")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Size of the built-in synthetic world (coloured shapes with captions)."""
+
+    seed: int = _knob(0, help="seed of the world generator")
+    num_train_images: int = _knob(300, min=8, help="images behind the stage-2 pairs")
+    num_eval_images: int = _knob(80, min=4, help="held-out images behind the eval sets")
+    num_nli_groups: int = _knob(1000, min=8, help="stage-1 text groups")
+    num_eval_candidates: int = _knob(16, min=2, help="candidates per eval query")
+    image_size_px: int = _knob(64, min=8, max=2048, help="side of the generated PNGs")
+
+
+@dataclass(frozen=True)
+class SourcesConfig:
+    """Raw inputs (local paths or s3:// URIs). Empty = not used."""
+
+    nli_csv: str = _knob("", help="SimCSE NLI csv with columns sent0,sent1,hard_neg")
+    mmeb_train: str = _knob("", help="MMEB-train folder (one .jsonl/.parquet/.csv per "
+                            "dataset) or one such file")
+    mmeb_train_images: str = _knob("", help="root that MMEB-train image paths are relative "
+                                   "to; '' = the folder of mmeb_train")
+    mmeb_eval: str = _knob("", help="MMEB-eval folder (one file per dataset) or one file")
+    mmeb_eval_images: str = _knob("", help="root of MMEB-eval image paths; '' = folder of "
+                                  "mmeb_eval")
+    pairs_jsonl: str = _knob("", help="plain JSONL of pairs (id, dataset, qry_text, "
+                             "qry_image, pos_text, pos_image, neg_text, neg_image)")
+    pairs_images: str = _knob("", help="root of the JSONL image paths; '' = its folder")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Sources and how they are turned into canonical shards."""
+
+    use_demo_world: bool = _knob(True, help="generate the built-in demo world and use it "
+                                 "as the sources (the sources section is then ignored)")
+    demo: DemoConfig = _section(DemoConfig, help="built-in demo world")
+    sources: SourcesConfig = _section(SourcesConfig, help="raw inputs")
+    image_size: int = _knob(336, min=8, max=4096, help="side, in pixels, images are "
+                            "resized to when packed into the shards")
+    image_resize: Literal["stretch", "pad"] = _knob(
+        "stretch", help="stretch to a square, or keep the aspect ratio and pad")
+    image_format: Literal["png", "jpeg"] = _knob("png", help="encoding of packed images")
+    jpeg_quality: int = _knob(95, min=1, max=100, help="quality when image_format=jpeg")
+    rows_per_shard: int = _knob(2000, min=1, help="rows per output Parquet shard")
+    max_text_chars: int = _knob(20000, min=1, help="texts longer than this are rejected")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run."""
+
+    name: str = _knob("run", help="human part of the run name; the hash is appended")
+    output_root: str = _knob("", hashed=False, help="local path or s3:// URI of the run "
+                             "folder; '' = ./runs/<run_name>")
+    log_level: Literal["DEBUG", "INFO", "WARNING"] = _knob("INFO", hashed=False,
+                                                           help="logging level")
+    ray: RayConfig = _section(RayConfig, help="Ray runtime", hashed=False)
+    storage: StorageConfig = _section(StorageConfig, help="S3 settings", hashed=False)
+    data: DataConfig = _section(DataConfig, help="data preparation")
+
+    # -- derived ------------------------------------------------------------------------
+    @property
+    def config_hash(self) -> str:
+        """sha256 of the hashed fields, canonical JSON; stable across processes."""
+        payload = json.dumps(_hashed_dict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    @property
+    def run_name(self) -> str:
+        """``<name>-<first 10 hex digits of the config hash>``."""
+        return f"{self.name}-{self.config_hash[:10]}"
+
+    @property
+    def run_root(self) -> str:
+        """The run folder: ``output_root`` or ``./runs/<run_name>``."""
+        return self.output_root.rstrip("/") if self.output_root else f"runs/{self.run_name}"
+
+    def step_dir(self, step: str) -> str:
+        """Output folder of one step, e.g. ``<run_root>/prepare_data``."""
+        return f"{self.run_root}/{step}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+                ) -> Config:
+    """Config from a YAML file (or the defaults when ``path`` is None) plus overrides.
+
+    Overrides are ``dotted.key=value`` strings; values are parsed as YAML scalars
+    (``data.image_size=64``, ``data.use_demo_world=false``, ``output_root=s3://b/x``).
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError as err:
+            raise ConfigError(f"config file not found: {path}") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for item in overrides:
+        _apply_override(raw, item)
+    return build(Config, raw, prefix="")
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like dotted.key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build(cls: type, raw: Any, *, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, validating every key and value."""
+    where = prefix.rstrip(".") or "<top level>"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, list(fields), n=1)
+        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown config key '{prefix}{key}'{hint}; allowed keys in "
+                          f"{where}: {', '.join(sorted(fields))}")
+    values = {}
+    for name, value in raw.items():
+        values[name] = _coerce(hints[name], value, f"{prefix}{name}", fields[name].metadata)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str, meta: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, prefix=f"{key}.")
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: "
+                              f"{', '.join(map(str, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, key, meta)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_hint, _ellipsis) = typing.get_args(hint)
+        return tuple(_coerce(item_hint, v, f"{key}[{i}]", {}) for i, v in enumerate(value))
+    return _check_scalar(hint, value, key, meta)
+
+
+def _check_scalar(hint: type, value: Any, key: str, meta: Any) -> Any:
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+    elif hint is str:
+        if isinstance(value, bool) or value is None or isinstance(value, dict | list):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        value = str(value)
+    else:  # pragma: no cover - a new field type needs handling here
+        raise TypeError(f"{key}: unsupported config type {hint!r}")
+    low, high = meta.get("min"), meta.get("max")
+    if low is not None and value < low:
+        raise ConfigError(f"{key}: {value!r} is below the minimum {low}")
+    if high is not None and value > high:
+        raise ConfigError(f"{key}: {value!r} is above the maximum {high}")
+    return value
+
+
+def _hashed_dict(obj: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(obj):
+        if not f.metadata.get("hashed", True):
+            continue
+        value = getattr(obj, f.name)
+        out[f.name] = _hashed_dict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def iter_fields(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, Any]]:
+    """Every leaf field as (dotted key, dataclasses.Field); used by docs and tests."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from iter_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f
+
+
+def describe(config: Config) -> str:
+    """The resolved config as YAML, for logs and manifests."""
+    header = f"# run {config.run_name} (config_hash {config.config_hash[:16]})\n"
+    return header + yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,88 @@
+"""Arrow schemas of every table the pipeline writes (DESIGN section 3).
+
+Column names are a contract: other steps, tests and users read them. Change them only
+with a schema-version bump in ``pipeline.storage.SCHEMA_VERSION``.
+
+Conventions:
+- Texts keep MMEB's image placeholder ``<|image_1|>`` where an image goes; each
+  backbone family swaps in its own image tokens at encode time.
+- Images are packed as encoded bytes (PNG or JPEG, RGB, resized at prepare time).
+  A null image means "no image on this side".
+- ``*_key`` columns are content hashes (``pipeline.data.hashing``): equal key means equal
+  text and equal pixels, so a candidate identical to the positive is never a negative.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+IMAGE_PLACEHOLDER = "<|image_1|>"
+
+# One NLI row or text pair: anchor, paraphrase (entailment), contradiction.
+TEXT_GROUPS = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("texts", pa.list_(pa.string()), nullable=False),
+])
+
+# One query-positive pair of the stage-2 training data (MMEB-train or JSONL).
+PAIRS = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("dataset", pa.string(), nullable=False),
+    pa.field("qry_text", pa.string(), nullable=False),
+    pa.field("qry_image", pa.binary()),
+    pa.field("pos_text", pa.string(), nullable=False),
+    pa.field("pos_image", pa.binary()),
+    pa.field("pos_key", pa.string(), nullable=False),
+    pa.field("neg_text", pa.list_(pa.string()), nullable=False),
+    pa.field("neg_image", pa.list_(pa.binary()), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+])
+
+# One MMEB-format eval query; candidate 0 is the ground truth. Images are referenced by
+# content key into EVAL_IMAGES so a candidate shared by many queries is stored once.
+EVAL_QUERIES = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("dataset", pa.string(), nullable=False),
+    pa.field("qry_text", pa.string(), nullable=False),
+    pa.field("qry_image_key", pa.string()),
+    pa.field("tgt_text", pa.list_(pa.string()), nullable=False),
+    pa.field("tgt_image_key", pa.list_(pa.string()), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+])
+
+# One distinct eval image, packed.
+EVAL_IMAGES = pa.schema([
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("image", pa.binary(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),   # the image's URI as referenced
+])
+
+# A refused input row: nothing is dropped silently.
+REJECTS = pa.schema([
+    pa.field("id", pa.string()),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("field", pa.string(), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("detail", pa.string(), nullable=False),
+    pa.field("row_json", pa.string(), nullable=False),
+])
+
+# Reasons a row is rejected (the `reason` column); counted per reason in manifests.
+REJECT_REASONS = (
+    "missing_field",     # a required column is absent or null
+    "wrong_type",        # a value has the wrong type (e.g. a number where text goes)
+    "empty_text",        # a text is empty or whitespace (and no image stands in for it)
+    "text_too_long",     # longer than data.max_text_chars
+    "missing_image",     # an image path that does not exist
+    "corrupt_image",     # an image that does not decode
+    "placeholder_mismatch",  # the text names an image placeholder but no image is given
+    "duplicate_id",      # an id seen before in the same table
+    "bad_candidates",    # eval row: target lists empty or of unequal length
+)
+
+
+TABLES = {
+    "text_groups": TEXT_GROUPS,
+    "pairs": PAIRS,
+    "eval": EVAL_QUERIES,
+    "eval_images": EVAL_IMAGES,
+}

@@ -1,0 +1,107 @@
+"""One output folder of a job: deterministic shards, rejects, manifest (DESIGN section 3).
+
+Layout of a folder::
+
+    _job.json                 config hash of the run that owns the folder (written first)
+    part-00000.parquet ...    output rows, shard i written atomically after its rejects
+    _rejects/part-00000.parquet
+    _manifest.json            written last; a folder without it is incomplete
+
+A shard counts as done when its data file has a readable footer (its rejects file is
+written before it). A rerun of the same config skips done shards; a different config
+refuses to write into the folder instead of mixing outputs.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.data.schemas import REJECTS
+
+logger = logging.getLogger(__name__)
+
+JOB_FILE = "_job.json"
+
+
+class OutputConflictError(storage.StorageError):
+    """The folder belongs to a run with another config."""
+
+
+class ShardedOutput:
+    """Writer/reader of one job output folder."""
+
+    def __init__(self, folder: str, config_hash: str, schema: pa.Schema) -> None:
+        self.folder = folder.rstrip("/")
+        self.config_hash = config_hash
+        self.schema = schema
+
+    # -- paths ----------------------------------------------------------------------------
+    def shard_uri(self, index: int) -> str:
+        return storage.join(self.folder, storage.shard_name(index))
+
+    def reject_uri(self, index: int) -> str:
+        return storage.join(self.folder, storage.REJECTS_DIR, storage.shard_name(index))
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def claim(self) -> None:
+        """Mark the folder as this config's; refuse a folder of another config."""
+        job_uri = storage.join(self.folder, JOB_FILE)
+        if storage.exists(job_uri):
+            owner = storage.read_json(job_uri).get("config_hash")
+            if owner != self.config_hash:
+                raise OutputConflictError(
+                    f"{self.folder} holds outputs of another config (config_hash {owner:.12}, "
+                    f"this run {self.config_hash:.12}); choose another output_root or delete it")
+            return
+        storage.write_json(job_uri, {"config_hash": self.config_hash})
+
+    def done_shards(self, num_shards: int) -> set[int]:
+        """Shards below ``num_shards`` whose data and rejects files are complete."""
+        data = storage.completed_shards(self.folder)
+        rejects = storage.completed_shards(storage.join(self.folder, storage.REJECTS_DIR))
+        return {i for i in data & rejects if i < num_shards}
+
+    def write_shard(self, index: int, rows: list[dict[str, Any]],
+                    rejects: list[dict[str, Any]]) -> None:
+        """Write the rejects, then the rows (atomically each): the data file marks done."""
+        storage.write_table(pa.Table.from_pylist(rejects, schema=REJECTS), self.reject_uri(index))
+        storage.write_table(pa.Table.from_pylist(rows, schema=self.schema), self.shard_uri(index))
+
+    def shard_counts(self, index: int) -> tuple[int, collections.Counter]:
+        """(rows out, rejects per reason) of a written shard, read from its files."""
+        rows_out = _num_rows(self.shard_uri(index))
+        reasons = storage.read_table(self.reject_uri(index), columns=["reason"])
+        return rows_out, collections.Counter(reasons.column("reason").to_pylist())
+
+    def finish(self, *, rows_in: int, num_shards: int, seconds: float,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Count every shard from its files and write the manifest (last)."""
+        rows_out, reasons = 0, collections.Counter()
+        for index in range(num_shards):
+            out, why = self.shard_counts(index)
+            rows_out += out
+            reasons.update(why)
+        manifest = {
+            "rows_in": rows_in, "rows_out": rows_out, "rows_rejected": sum(reasons.values()),
+            "rejects_by_reason": dict(sorted(reasons.items())), "num_shards": num_shards,
+            "config_hash": self.config_hash, "seconds": round(seconds, 3),
+            "schema": self.schema.to_string(show_schema_metadata=False),
+            **(extra or {}),
+        }
+        return storage.write_manifest(self.folder, manifest)
+
+
+def _num_rows(uri: str) -> int:
+    fs, path = storage.resolve(uri)
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def chunk(items: list, size: int) -> list[list]:
+    """Consecutive chunks of ``size`` items (the last may be shorter); [] -> one empty."""
+    return [items[i:i + size] for i in range(0, len(items), size)] or [[]]

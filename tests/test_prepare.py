@@ -1,0 +1,151 @@
+"""The prepare step through Ray Data: demo world, rejects, rerun, S3, CLI."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline import storage
+from pipeline.config import load_config
+from pipeline.data import schemas
+from pipeline.data.prepare import format_summary, prepare_data
+from pipeline.sharded import OutputConflictError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "jobs" / "configs" / "demo.yaml")
+SMALL = ["data.demo.num_train_images=24", "data.demo.num_eval_images=8",
+         "data.demo.num_nli_groups=30", "data.demo.num_eval_candidates=4",
+         "data.demo.image_size_px=32", "data.image_size=16", "data.rows_per_shard=10"]
+
+pytestmark = pytest.mark.integration
+
+
+def small_config(root, *extra):
+    return load_config(DEMO, [*SMALL, f"output_root={root}", *extra])
+
+
+def table_rows(folder: str) -> list[dict]:
+    rows = []
+    for uri in storage.shard_uris(folder):
+        rows += storage.read_table(uri).to_pylist()
+    return rows
+
+
+def test_demo_world_prepares_every_table(ray_local, tmp_path):
+    config = small_config(tmp_path / "run")
+    manifest = prepare_data(config)
+    step = config.step_dir("prepare_data")
+    assert manifest["rows_in"] == manifest["rows_out"] + manifest["rows_rejected"]
+    assert manifest["rows_rejected"] == 0  # the demo world is clean
+    tables = manifest["tables"]
+    assert set(tables) == {"text_groups", "pairs", "eval_images", "eval"}
+    assert tables["text_groups"]["rows_out"] == 30
+    for name, schema in schemas.TABLES.items():
+        folder = f"{step}/{name}"
+        sub = storage.require_complete(folder)
+        assert sub["rows_out"] == len(table_rows(folder)) > 0
+        for uri in storage.shard_uris(folder):
+            assert pq.read_schema(uri).equals(schema, check_metadata=False), name
+    # Shards are deterministic and sized by data.rows_per_shard.
+    groups = f"{step}/text_groups"
+    assert [os.path.basename(u) for u in storage.shard_uris(groups)] == [
+        "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    pairs = table_rows(f"{step}/pairs")
+    assert {p["dataset"] for p in pairs} >= {"demo_t2i", "demo_i2t", "demo_cls", "demo_vqa"}
+    image = Image.open(io.BytesIO(next(p["pos_image"] for p in pairs if p["pos_image"])))
+    assert image.size == (16, 16) and image.mode == "RGB"
+    # Every eval image key resolves to a packed image.
+    keys = {r["key"] for r in table_rows(f"{step}/eval_images")}
+    for row in table_rows(f"{step}/eval"):
+        assert {k for k in [row["qry_image_key"], *row["tgt_image_key"]] if k} <= keys
+    summary = format_summary(manifest, step)
+    assert "text_groups" in summary and f"{manifest['rows_in']:>8}" in summary
+
+
+def test_corrupt_image_and_empty_text_become_two_rejects(ray_local, tmp_path):
+    src = tmp_path / "src"
+    (src / "mmeb").mkdir(parents=True)
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(src / "ok.png")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    ph = schemas.IMAGE_PLACEHOLDER
+    rows = [{"qry": f"query {i}", "qry_image_path": "", "pos_text": f"{ph}\nRepresent it.",
+             "pos_image_path": "ok.png"} for i in range(5)]
+    rows[1]["pos_image_path"] = "broken.png"
+    rows[3]["qry"] = ""
+    (src / "mmeb" / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_config(DEMO, [f"output_root={tmp_path / 'run'}", "data.use_demo_world=false",
+                                f"data.sources.mmeb_train={src / 'mmeb'}",
+                                f"data.sources.mmeb_train_images={src}",
+                                "data.image_size=8", "data.rows_per_shard=2"])
+    manifest = prepare_data(config)
+    pairs = manifest["tables"]["pairs"]
+    assert (pairs["rows_in"], pairs["rows_out"], pairs["rows_rejected"]) == (5, 3, 2)
+    assert pairs["rejects_by_reason"] == {"corrupt_image": 1, "empty_text": 1}
+    rejects = table_rows(f"{config.step_dir('prepare_data')}/pairs/_rejects")
+    by_id = {r["id"]: r for r in rejects}
+    assert by_id["task:1"]["reason"] == "corrupt_image" and "broken.png" in \
+        by_id["task:1"]["detail"]
+    assert by_id["task:3"]["field"] == "qry_text" and by_id["task:3"]["source"].endswith(
+        "task.jsonl:4")
+    assert json.loads(by_id["task:3"]["row_json"]) == rows[3]
+
+
+def test_rerun_skips_completed_shards(ray_local, tmp_path):
+    config = small_config(tmp_path / "run")
+    first = prepare_data(config)
+    step = config.step_dir("prepare_data")
+    pairs = f"{step}/pairs"
+    shards = storage.shard_uris(pairs)
+    assert len(shards) >= 3
+    mtimes = {u: os.stat(u).st_mtime_ns for u in shards}
+    # Simulate a job killed after some shards: drop one shard and the manifests.
+    os.remove(shards[1])
+    os.remove(f"{pairs}/_manifest.json")
+    os.remove(f"{step}/_manifest.json")
+    second = prepare_data(config)
+    assert second["tables"] == first["tables"]
+    assert storage.read_manifest(pairs)["shards_skipped"] == len(shards) - 1
+    for uri in shards:
+        if uri != shards[1]:
+            assert os.stat(uri).st_mtime_ns == mtimes[uri], f"{uri} was rewritten"
+    assert os.path.exists(shards[1])
+    # A complete step is not redone at all.
+    assert prepare_data(config)["seconds"] == second["seconds"]
+
+
+def test_other_config_cannot_write_into_the_same_folder(ray_local, tmp_path):
+    prepare_data(small_config(tmp_path / "run"))
+    os.remove(tmp_path / "run" / "prepare_data" / "_manifest.json")
+    os.remove(tmp_path / "run" / "prepare_data" / "pairs" / "_manifest.json")
+    with pytest.raises(OutputConflictError, match="holds outputs of another config"):
+        prepare_data(small_config(tmp_path / "run", "data.image_size=24"))
+
+
+@pytest.mark.cluster
+def test_prepare_to_s3(ray_local, s3_bucket):
+    root = f"{s3_bucket}/runs/demo"
+    config = small_config(root)
+    manifest = prepare_data(config)
+    step = config.step_dir("prepare_data")
+    assert step.startswith("s3://")
+    assert storage.require_complete(step)["rows_out"] == manifest["rows_out"] > 0
+    # The demo world went to S3 too, and the images were read back from there.
+    assert storage.exists(f"{root}/sources/demo_world/world.json")
+    assert manifest["sources"]["mmeb_train"].startswith("s3://")
+    assert len(table_rows(f"{step}/pairs")) == manifest["tables"]["pairs"]["rows_out"]
+
+
+def test_cli_rejects_bad_config_before_any_work(tmp_path):
+    out = subprocess.run([sys.executable, "jobs/prepare_data.py", "--config", DEMO,
+                          "data.image_size=huge", f"output_root={tmp_path}"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 2
+    assert "config error: data.image_size: expected an integer, got 'huge'" in out.stderr
+    assert not any(tmp_path.iterdir())
