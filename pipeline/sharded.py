@@ -105,3 +105,51 @@ def _num_rows(uri: str) -> int:
 def chunk(items: list, size: int) -> list[list]:
     """Consecutive chunks of ``size`` items (the last may be shorter); [] -> one empty."""
     return [items[i:i + size] for i in range(0, len(items), size)] or [[]]
+
+
+# ---------------------------------------------------------------------------------------
+# Running shard tasks on Ray Data
+
+
+def _call_task(batch: dict[str, Any], fn: Any) -> dict[str, list]:
+    """Ray Data batch of one task -> one result row (columns of length 1)."""
+    (task,) = batch["task"]
+    return {k: [v] for k, v in fn(task).items()}
+
+
+class _ActorShim:
+    """Builds the worker class once per actor, then feeds it one task per call."""
+
+    def __init__(self, worker_cls: type, kwargs: dict[str, Any]) -> None:
+        self.worker = worker_cls(**kwargs)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        return _call_task(batch, self.worker)
+
+
+def run_shard_tasks(tasks: list[Any], worker: Any, *, num_cpus: float = 1.0,
+                    num_gpus: float = 0.0, pool_size: int | None = None,
+                    worker_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Run one Ray Data task per shard task and return their result rows.
+
+    ``worker`` is a function ``task -> dict`` (stateless Ray tasks) or a class whose
+    instances are such callables, built once per actor of a pool of ``pool_size``
+    (models are loaded once per actor). Each task writes its own shard, so outputs stay
+    deterministic whatever the scheduling; Ray Data supplies the scheduling, the
+    progress bar and retries.
+    """
+    import ray.data
+
+    if not tasks:
+        return []
+    dataset = ray.data.from_items([{"task": t} for t in tasks], override_num_blocks=len(tasks))
+    if isinstance(worker, type):
+        dataset = dataset.map_batches(
+            _ActorShim, batch_size=1, batch_format="numpy",
+            fn_constructor_kwargs={"worker_cls": worker, "kwargs": worker_kwargs or {}},
+            compute=ray.data.ActorPoolStrategy(size=pool_size or 1),
+            num_cpus=num_cpus, num_gpus=num_gpus)
+    else:
+        dataset = dataset.map_batches(_call_task, batch_size=1, batch_format="numpy",
+                                      fn_kwargs={"fn": worker}, num_cpus=num_cpus)
+    return dataset.take_all()

@@ -36,7 +36,7 @@ from pipeline.data.validate import (
     validate_pair,
     validate_text_group,
 )
-from pipeline.sharded import ShardedOutput, chunk
+from pipeline.sharded import ShardedOutput, chunk, run_shard_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -183,10 +183,6 @@ def run_shard(task: ShardTask) -> dict[str, int]:
     return {"shard": task.index, "rows_out": len(rows), "rows_rejected": len(rejects)}
 
 
-def _ray_run_shard(item: dict[str, Any]) -> dict[str, Any]:
-    return run_shard(item["task"])
-
-
 # ---------------------------------------------------------------------------------------
 # One table
 
@@ -194,8 +190,6 @@ def _ray_run_shard(item: dict[str, Any]) -> dict[str, Any]:
 def write_table(name: str, rows: list[RawRow], config: Config, *, inputs: dict[str, Any],
                 image_keys: dict[str, Any] | None = None) -> dict[str, Any]:
     """Shard, validate and write one table with Ray Data; skip shards already done."""
-    import ray.data
-
     start = time.perf_counter()
     folder = storage.join(config.step_dir(STEP), name)
     output = ShardedOutput(folder, config.config_hash, TABLES[name])
@@ -212,10 +206,7 @@ def write_table(name: str, rows: list[RawRow], config: Config, *, inputs: dict[s
              for i, shard in enumerate(shards) if i not in done]
     logger.info("%s: %d rows in %d shards (%d done already, %d to write) -> %s", name,
                 len(rows), len(shards), len(done), len(tasks), folder)
-    if tasks:
-        dataset = ray.data.from_items([{"task": t} for t in tasks],
-                                      override_num_blocks=len(tasks))
-        dataset.map(_ray_run_shard).take_all()
+    run_shard_tasks(tasks, run_shard)
     manifest = output.finish(rows_in=len(rows), num_shards=len(shards),
                              seconds=time.perf_counter() - start,
                              extra={"table": name, "inputs": inputs,
