@@ -14,21 +14,24 @@ import time
 import _bootstrap  # noqa: F401  (makes `pipeline` importable from a plain checkout)
 
 from pipeline.cli import parse_config
-from pipeline.data.prepare import format_summary, prepare_data
+from pipeline.data import prepare
+from pipeline.models import teacher_embed
 from pipeline.ray_utils import init_ray
 
 logger = logging.getLogger("run_all")
 
 # Steps not built yet: run_all says so instead of pretending.
-NOT_YET_BUILT = ("teacher_embed", "stage1", "mine_negatives", "stage2", "evaluate", "export")
+NOT_YET_BUILT = ("stage1", "mine_negatives", "stage2", "evaluate", "export")
 
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv, __doc__)
     start = time.perf_counter()
     init_ray(config)
-    manifest = prepare_data(config)
-    print(format_summary(manifest, config.step_dir("prepare_data")))
+    manifest = prepare.prepare_data(config)
+    print(prepare.format_summary(manifest, config.step_dir(prepare.STEP)))
+    manifest = teacher_embed.teacher_embed(config)
+    print(teacher_embed.format_summary(manifest, config.step_dir(teacher_embed.STEP)))
     print(f"\nrun {config.run_name}: finished in {time.perf_counter() - start:.1f} s; "
           f"outputs under {config.run_root}/")
     print("steps not built yet (skipped): " + ", ".join(NOT_YET_BUILT))

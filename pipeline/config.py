@@ -119,6 +119,24 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class TeacherConfig:
+    """The stage-1 teacher and the job that embeds the text groups with it."""
+
+    model: str = _knob("packaged:all-minilm-l6-v2", help="sentence-transformers folder, "
+                       "s3:// prefix, or packaged:all-minilm-l6-v2 (the bundled MiniLM)")
+    instruction_prefix: str = _knob("", help="prepended to every text (NV-Embed-v2 style)")
+    max_seq_length: int = _knob(0, min=0, help="token limit of the teacher; 0 = the "
+                                "model's own; longer texts are truncated and counted")
+    trust_remote_code: bool = _knob(False, help="run code shipped with the model folder "
+                                    "(NV-Embed-v2 needs it); off unless set")
+    batch_size: int = _knob(128, min=1, hashed=False, help="texts per forward pass")
+    num_actors: int = _knob(0, min=0, hashed=False, help="teacher actors; 0 = one per GPU, "
+                            "or (cluster CPUs - 1) / cpus_per_actor without GPUs")
+    cpus_per_actor: float = _knob(1.0, min=0.1, hashed=False,
+                                  help="CPUs (and torch threads) per teacher actor")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole run."""
 
@@ -130,6 +148,7 @@ class Config:
     ray: RayConfig = _section(RayConfig, help="Ray runtime", hashed=False)
     storage: StorageConfig = _section(StorageConfig, help="S3 settings", hashed=False)
     data: DataConfig = _section(DataConfig, help="data preparation")
+    teacher: TeacherConfig = _section(TeacherConfig, help="stage-1 teacher embeddings")
 
     # -- derived ------------------------------------------------------------------------
     @property

@@ -66,11 +66,15 @@ class ShardedOutput:
         rejects = storage.completed_shards(storage.join(self.folder, storage.REJECTS_DIR))
         return {i for i in data & rejects if i < num_shards}
 
-    def write_shard(self, index: int, rows: list[dict[str, Any]],
+    def write_shard(self, index: int, rows: list[dict[str, Any]] | pa.Table,
                     rejects: list[dict[str, Any]]) -> None:
         """Write the rejects, then the rows (atomically each): the data file marks done."""
         storage.write_table(pa.Table.from_pylist(rejects, schema=REJECTS), self.reject_uri(index))
-        storage.write_table(pa.Table.from_pylist(rows, schema=self.schema), self.shard_uri(index))
+        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, self.schema)
+        if not table.schema.equals(self.schema):
+            raise ValueError(f"shard {index} of {self.folder}: schema {table.schema} differs "
+                             f"from {self.schema}")
+        storage.write_table(table, self.shard_uri(index))
 
     def shard_counts(self, index: int) -> tuple[int, collections.Counter]:
         """(rows out, rejects per reason) of a written shard, read from its files."""
@@ -111,20 +115,23 @@ def chunk(items: list, size: int) -> list[list]:
 # Running shard tasks on Ray Data
 
 
-def _call_task(batch: dict[str, Any], fn: Any) -> dict[str, list]:
-    """Ray Data batch of one task -> one result row (columns of length 1)."""
-    (task,) = batch["task"]
-    return {k: [v] for k, v in fn(task).items()}
+def _call_task(batch: dict[str, Any], fn: Any, refs: list[Any]) -> dict[str, list]:
+    """Ray Data batch of one task index -> one result row (columns of length 1)."""
+    import ray
+
+    (index,) = batch["task_index"]
+    return {k: [v] for k, v in fn(ray.get(refs[int(index)])).items()}
 
 
 class _ActorShim:
     """Builds the worker class once per actor, then feeds it one task per call."""
 
-    def __init__(self, worker_cls: type, kwargs: dict[str, Any]) -> None:
+    def __init__(self, worker_cls: type, kwargs: dict[str, Any], refs: list[Any]) -> None:
         self.worker = worker_cls(**kwargs)
+        self.refs = refs
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        return _call_task(batch, self.worker)
+        return _call_task(batch, self.worker, self.refs)
 
 
 def run_shard_tasks(tasks: list[Any], worker: Any, *, num_cpus: float = 1.0,
@@ -136,20 +143,26 @@ def run_shard_tasks(tasks: list[Any], worker: Any, *, num_cpus: float = 1.0,
     instances are such callables, built once per actor of a pool of ``pool_size``
     (models are loaded once per actor). Each task writes its own shard, so outputs stay
     deterministic whatever the scheduling; Ray Data supplies the scheduling, the
-    progress bar and retries.
+    progress bar and retries. Tasks travel through the object store (one object each);
+    the dataset itself holds only their indices.
     """
+    import ray
     import ray.data
 
     if not tasks:
         return []
-    dataset = ray.data.from_items([{"task": t} for t in tasks], override_num_blocks=len(tasks))
+    refs = [ray.put(task) for task in tasks]
+    dataset = ray.data.from_items([{"task_index": i} for i in range(len(tasks))],
+                                  override_num_blocks=len(tasks))
     if isinstance(worker, type):
         dataset = dataset.map_batches(
             _ActorShim, batch_size=1, batch_format="numpy",
-            fn_constructor_kwargs={"worker_cls": worker, "kwargs": worker_kwargs or {}},
+            fn_constructor_kwargs={"worker_cls": worker, "kwargs": worker_kwargs or {},
+                                   "refs": refs},
             compute=ray.data.ActorPoolStrategy(size=pool_size or 1),
             num_cpus=num_cpus, num_gpus=num_gpus)
     else:
         dataset = dataset.map_batches(_call_task, batch_size=1, batch_format="numpy",
-                                      fn_kwargs={"fn": worker}, num_cpus=num_cpus)
+                                      fn_kwargs={"fn": worker, "refs": refs},
+                                      num_cpus=num_cpus)
     return dataset.take_all()

@@ -100,7 +100,7 @@ def test_every_config_field_is_read_in_pipeline():
             read = re.search(rf"\b(config|self)\.{leaf}\b", sources)
         else:
             section = sections[-1]
-            read = re.search(rf"\.{section}\.{leaf}\b", sources) or (
+            read = re.search(rf"\b{section}\.{leaf}\b", sources) or (
                 re.search(rf"asdict\((\w+\.)*{section}\)", sources)
                 and re.search(rf"\b{leaf}\b\s*[:=]", callees))
         if not read:

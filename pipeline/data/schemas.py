@@ -23,6 +23,16 @@ TEXT_GROUPS = pa.schema([
     pa.field("texts", pa.list_(pa.string()), nullable=False),
 ])
 
+
+def teacher_schema(dim: int) -> pa.Schema:
+    """A text group with one unit-norm float16 teacher vector per text."""
+    return pa.schema([
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("texts", pa.list_(pa.string()), nullable=False),
+        pa.field("teacher_emb", pa.list_(pa.list_(pa.float16(), dim)), nullable=False),
+    ])
+
+
 # One query-positive pair of the stage-2 training data (MMEB-train or JSONL).
 PAIRS = pa.schema([
     pa.field("id", pa.string(), nullable=False),
@@ -77,6 +87,7 @@ REJECT_REASONS = (
     "placeholder_mismatch",  # the text names an image placeholder but no image is given
     "duplicate_id",      # an id seen before in the same table
     "bad_candidates",    # eval row: target lists empty or of unequal length
+    "nan_embedding",     # a model produced a NaN/inf vector for the row
 )
 
 

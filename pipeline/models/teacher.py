@@ -76,10 +76,14 @@ class Teacher:
                                 show_progress_bar=False)  # (N, D)
         return np.asarray(emb, dtype=np.float32)
 
-    def count_truncated(self, texts: Sequence[str]) -> int:
-        """How many texts (with prefix and special tokens) exceed ``max_seq_length``."""
+    def token_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each text with prefix and special tokens, before truncation."""
         if not texts:
-            return 0
+            return []
         encoded = self.model.tokenizer(self._with_prefix(texts), add_special_tokens=True,
                                        truncation=False)["input_ids"]
-        return sum(len(ids) > self.max_seq_length for ids in encoded)
+        return [len(ids) for ids in encoded]
+
+    def count_truncated(self, texts: Sequence[str]) -> int:
+        """How many texts (with prefix and special tokens) exceed ``max_seq_length``."""
+        return sum(n > self.max_seq_length for n in self.token_lengths(texts))
