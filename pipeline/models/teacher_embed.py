@@ -74,7 +74,7 @@ class TeacherShardWorker:
         self.output = ShardedOutput(folder, config_hash, teacher_schema(self.teacher.dim))
 
     def __call__(self, task: TeacherTask) -> dict[str, Any]:
-        start = time.perf_counter()
+        start, started_at = time.perf_counter(), time.time()
         rows = storage.read_table(task.input_uri, columns=["id", "texts"]).to_pylist()
         sizes = np.array([len(r["texts"]) for r in rows], dtype=np.int64)  # (G,)
         flat = [t for row in rows for t in row["texts"]]
@@ -91,7 +91,8 @@ class TeacherShardWorker:
                             emb[group_ok[group_of]], self.teacher.dim)
         stats = {"shard": task.index, "texts": len(flat), "tokens": int(sum(lengths)),
                  "truncated": int(sum(n > self.teacher.max_seq_length for n in lengths)),
-                 "seconds": round(time.perf_counter() - start, 3)}
+                 "seconds": round(time.perf_counter() - start, 3),
+                 "started_at": started_at, "finished_at": time.time()}
         storage.write_json(stats_uri(self.output.folder, task.index), stats)
         self.output.write_shard(task.index, table, rejects)
         return stats
