@@ -1,0 +1,42 @@
+"""Hard-negative mining core: blockwise top-k search and false-negative filtering.
+
+Arrays in, arrays out (no Ray, files or configs):
+
+- ``search_topk`` / ``search_within_groups``: exact inner-product top-k (faiss, faiss GPU,
+  torch), or IVF for very large corpora; ``measure_recall`` / ``estimate_recall`` for IVF.
+- ``select_negatives``: the false-negative filter (self, duplicate content, UniME margin,
+  positive-aware ratio, max score) and top / rank-range selection, with per-query counts.
+"""
+from __future__ import annotations
+
+from pipeline.mining.filters import (
+    COUNT_KEYS,
+    NegativeSelection,
+    select_negatives,
+    summarize_counts,
+)
+from pipeline.mining.ivf import build_ivf_index, estimate_recall, measure_recall
+from pipeline.mining.search import (
+    FAISS_GPU_MAX_K,
+    SearchResult,
+    faiss_gpu_available,
+    resolve_backend,
+    search_topk,
+    search_within_groups,
+)
+
+__all__ = [
+    "COUNT_KEYS",
+    "FAISS_GPU_MAX_K",
+    "NegativeSelection",
+    "SearchResult",
+    "build_ivf_index",
+    "estimate_recall",
+    "faiss_gpu_available",
+    "measure_recall",
+    "resolve_backend",
+    "search_topk",
+    "search_within_groups",
+    "select_negatives",
+    "summarize_counts",
+]
