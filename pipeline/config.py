@@ -137,6 +137,49 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
+class MiningConfig:
+    """Offline hard-negative mining over the stage-2 pairs (DESIGN section 6)."""
+
+    miner: str = _knob("stage1", help="model that embeds queries and targets: 'stage1' = "
+                       "<run_root>/stage1/model, or an Embedder folder / s3:// prefix")
+    miner_trust_remote_code: bool = _knob(False, help="run code shipped with the miner "
+                                          "folder (phi3_v needs it)")
+    prompt_mode: Literal["instruction", "one_word", "raw"] = _knob(
+        "instruction", help="how texts are wrapped for the miner (stage 2 uses instruction)")
+    scope: Literal["dataset", "global"] = _knob("dataset", help="search negatives within "
+                                                "each dataset (same task) or globally")
+    backend: Literal["auto", "faiss", "faiss_gpu", "torch"] = _knob(
+        "auto", help="exact search backend; auto = faiss_gpu with a GPU, else faiss")
+    search_k: int = _knob(64, min=1, help="candidates retrieved per query before filtering")
+    num_negatives: int = _knob(8, min=1, help="hard negatives kept per query (k)")
+    fn_margin: float | None = _knob(0.1, help="drop candidates with sim > pos_sim + margin "
+                                    "(UniME beta); null = off")
+    fn_ratio: float | None = _knob(None, help="drop candidates with sim > ratio * pos_sim "
+                                   "(positive-aware, e.g. 0.95); null = off")
+    max_score: float | None = _knob(None, help="drop candidates with sim > max_score; "
+                                    "null = off")
+    unique_negatives: bool = _knob(True, help="one negative per distinct target content")
+    selection: Literal["top", "range"] = _knob("top", help="top-k of the survivors, or k "
+                                               "sampled from ranks [range_min, range_max)")
+    range_min: int = _knob(0, min=0, help="first survivor rank for selection=range")
+    range_max: int = _knob(0, min=0, help="end survivor rank for selection=range; 0 = all")
+    index: Literal["flat", "ivf"] = _knob("flat", help="exact search, or IVF for corpora too "
+                                          "large for it (recall is measured)")
+    ivf_nlist: int = _knob(256, min=1, help="IVF lists")
+    ivf_nprobe: int = _knob(16, min=1, help="IVF lists probed per query")
+    recall_sample: int = _knob(1000, min=1, help="queries whose IVF recall vs exact search "
+                               "is measured and written to the manifest")
+    block_size: int = _knob(65536, min=1, hashed=False, help="candidates per search block")
+    query_block_size: int = _knob(4096, min=1, hashed=False, help="queries per search block")
+    embed_batch_size: int = _knob(32, min=1, hashed=False, help="rows per miner forward")
+    num_actors: int = _knob(0, min=0, hashed=False, help="miner actors; 0 = one per GPU, "
+                            "or (cluster CPUs - 1) / cpus_per_actor")
+    cpus_per_actor: float = _knob(1.0, min=0.1, hashed=False, help="CPUs per miner actor "
+                                  "and per search task")
+    seed: int = _knob(0, help="seed of selection=range sampling")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole run."""
 
@@ -149,6 +192,7 @@ class Config:
     storage: StorageConfig = _section(StorageConfig, help="S3 settings", hashed=False)
     data: DataConfig = _section(DataConfig, help="data preparation")
     teacher: TeacherConfig = _section(TeacherConfig, help="stage-1 teacher embeddings")
+    mining: MiningConfig = _section(MiningConfig, help="offline hard-negative mining")
 
     # -- derived ------------------------------------------------------------------------
     @property

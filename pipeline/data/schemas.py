@@ -47,6 +47,33 @@ PAIRS = pa.schema([
     pa.field("source", pa.string(), nullable=False),
 ])
 
+# The stage-2 training table: a pair, its given negatives and its mined hard negatives.
+MINED = pa.schema([
+    *[f for f in PAIRS if f.name not in ("neg_text", "neg_image")],
+    pa.field("given_neg_text", pa.list_(pa.string()), nullable=False),
+    pa.field("given_neg_image", pa.list_(pa.binary()), nullable=False),
+    pa.field("neg_text", pa.list_(pa.string()), nullable=False),
+    pa.field("neg_image", pa.list_(pa.binary()), nullable=False),
+    pa.field("neg_key", pa.list_(pa.string()), nullable=False),
+    pa.field("neg_score", pa.list_(pa.float32()), nullable=False),
+    pa.field("pos_score", pa.float32(), nullable=False),
+    pa.field("n_false_neg_dropped", pa.int32(), nullable=False),  # margin + ratio + max_score
+    pa.field("n_duplicate_dropped", pa.int32(), nullable=False),  # the positive, its copies
+    pa.field("short", pa.bool_(), nullable=False),  # fewer than num_negatives were left
+])
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    """A query (key = pair id) or a distinct target (key = content key) and its vector."""
+    return pa.schema([
+        pa.field("kind", pa.string(), nullable=False),      # "query" | "target"
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("row", pa.int32(), nullable=False),        # row in its pairs shard
+        pa.field("emb", pa.list_(pa.float16(), dim), nullable=False),
+    ])
+
+
 # One MMEB-format eval query; candidate 0 is the ground truth. Images are referenced by
 # content key into EVAL_IMAGES so a candidate shared by many queries is stored once.
 EVAL_QUERIES = pa.schema([
@@ -88,6 +115,7 @@ REJECT_REASONS = (
     "duplicate_id",      # an id seen before in the same table
     "bad_candidates",    # eval row: target lists empty or of unequal length
     "nan_embedding",     # a model produced a NaN/inf vector for the row
+    "missing_positive",  # a pair without a usable positive (mining)
 )
 
 
