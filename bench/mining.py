@@ -1,0 +1,191 @@
+"""Benchmark: our mining search + filter vs sentence-transformers' mine_hard_negatives.
+
+    .venv/bin/python bench/mining.py [--sizes 20000 40000 80000 160000] [--dims 384 1024]
+
+In one run, on the same synthetic embeddings (Q queries, N corpus rows = Q positives +
+N - Q other documents, unit vectors with near-duplicates and true neighbours), for each
+(N, d): (a) ``sentence_transformers.util.mine_hard_negatives`` with FAISS and (b) our
+``search_topk`` (faiss backend, blockwise) + ``select_negatives``, with equivalent settings
+(UniME margin 0.1 = their absolute_margin=-0.1, 8 negatives from the top 64). Prints the
+speed-up (a)/(b), the agreement of the chosen negatives, and how close our search comes
+to this machine's own measured fp32 GEMM rate (FLOPs of the search / time / GEMM FLOP/s);
+writes bench/results/mining.json.
+
+``datasets`` is not installed here: a minimal in-memory stand-in for ``datasets.Dataset``
+is passed in (``mine_hard_negatives`` only builds and indexes one); the model is a stand-in
+whose ``encode`` returns the fixed vectors, so both sides see identical embeddings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import types
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.mining import search_topk, select_negatives  # noqa: E402
+
+NUM_NEGATIVES, RANGE_MAX, MARGIN = 8, 64, 0.1
+
+
+class InMemoryDataset:
+    """What ``mine_hard_negatives`` uses of ``datasets.Dataset``."""
+
+    def __init__(self, columns: dict[str, list]) -> None:
+        self._columns = {k: list(v) for k, v in columns.items()}
+
+    @classmethod
+    def from_dict(cls, columns: dict[str, list]) -> InMemoryDataset:
+        return cls(columns)
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self._columns)
+
+    def __len__(self) -> int:
+        return len(next(iter(self._columns.values())))
+
+    def __getitem__(self, column: str) -> list:
+        return self._columns[column]
+
+    def to_pandas(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(self._columns)
+
+
+class FixedModel:
+    """``encode_query``/``encode_document`` return precomputed vectors looked up by text."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, texts: list[str], emb: np.ndarray) -> None:
+        self.index = {t: i for i, t in enumerate(texts)}
+        self.emb = emb
+
+    def _encode(self, texts: list[str], **_: Any) -> np.ndarray:
+        return self.emb[[self.index[t] for t in texts]]  # (n, d)
+
+    encode_query = encode_document = _encode
+
+    def get_embedding_dimension(self) -> int:
+        return int(self.emb.shape[1])
+
+    def similarity(self, a: Any, b: Any) -> torch.Tensor:
+        return torch.as_tensor(a) @ torch.as_tensor(b).T  # (n, m)
+
+    def similarity_pairwise(self, a: Any, b: Any) -> torch.Tensor:
+        return (torch.as_tensor(a) * torch.as_tensor(b)).sum(-1)  # (n,)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def make_world(n: int, q: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, d) queries and (N, d) corpus: rows [0, Q) are the positives, some docs are
+    near a query (hard negatives), a few copy a positive (false negatives)."""
+    rng = np.random.default_rng(seed)
+    queries = unit(rng.standard_normal((q, d)))                          # (Q, d)
+    corpus = unit(rng.standard_normal((n, d)))                           # (N, d)
+    corpus[:q] = unit(queries + 0.7 * unit(rng.standard_normal((q, d))))
+    near = rng.integers(0, q, size=(n - q) // 4)
+    corpus[q:q + near.size] = unit(queries[near] + 0.9 * unit(rng.standard_normal((near.size, d))))
+    return queries, corpus
+
+
+def st_mine(queries: np.ndarray, corpus: np.ndarray) -> tuple[float, list[list[str]]]:
+    from sentence_transformers.util import hard_negatives
+
+    q, n = len(queries), len(corpus)
+    q_text = [f"q{i}" for i in range(q)]
+    c_text = [f"c{i}" for i in range(n)]
+    model = FixedModel(q_text + c_text, np.concatenate([queries, corpus]))
+    sys.modules.setdefault("datasets", types.SimpleNamespace(Dataset=InMemoryDataset))
+    hard_negatives.is_datasets_available = lambda: True
+    start = time.perf_counter()
+    out = hard_negatives.mine_hard_negatives(
+        InMemoryDataset({"anchor": q_text, "positive": c_text[:q]}), model,
+        corpus=c_text[q:], num_negatives=NUM_NEGATIVES, range_max=RANGE_MAX,
+        absolute_margin=-MARGIN, sampling_strategy="top", use_faiss=True,
+        output_format="labeled-list", verbose=False, batch_size=4096)
+    seconds = time.perf_counter() - start
+    negatives = {a: texts[1:] for a, texts in zip(out["anchor"], out["positive"], strict=True)}
+    return seconds, [negatives.get(t, []) for t in q_text]
+
+
+def our_mine(queries: np.ndarray, corpus: np.ndarray) -> tuple[float, float, list[list[str]]]:
+    start = time.perf_counter()
+    scores, ids, _ = search_topk(queries, corpus, RANGE_MAX + 1, backend="faiss",
+                                 block_size=65536, query_block_size=4096)
+    search_seconds = time.perf_counter() - start
+    pos_ids = np.arange(len(queries))                                    # (Q,)
+    pos_scores = (queries * corpus[:len(queries)]).sum(axis=1)           # (Q,)
+    keys = np.arange(len(corpus), dtype=np.int64)
+    selection = select_negatives(scores, ids, pos_scores, pos_ids, keys, pos_ids,
+                                 num_negatives=NUM_NEGATIVES, fn_margin=MARGIN,
+                                 range_max=RANGE_MAX)
+    seconds = time.perf_counter() - start
+    return seconds, search_seconds, [[f"c{i}" for i in row if i >= 0]
+                                     for row in selection.neg_ids]
+
+
+def gemm_flops(d: int, repeats: int = 7) -> float:
+    """Best-of-``repeats`` fp32 GEMM rate of this machine (torch, all threads)."""
+    a, b = torch.randn(4096, d), torch.randn(d, 8192)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 4096 * 8192 * d / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[20000, 40000, 80000, 160000])
+    parser.add_argument("--dims", type=int, nargs="+", default=[384, 1024])
+    parser.add_argument("--queries", type=int, default=4096)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                      "mining.json"))
+    args = parser.parse_args()
+    runs = []
+    for d in args.dims:
+        gemm = gemm_flops(d)
+        print(f"d={d}: measured fp32 GEMM {gemm / 1e9:.0f} GFLOP/s")
+        for n in args.sizes:
+            queries, corpus = make_world(n, args.queries, d)
+            st_seconds, st_neg = st_mine(queries, corpus)
+            ours_seconds, search_seconds, ours_neg = our_mine(queries, corpus)
+            agree = float(np.mean([a == b for a, b in zip(st_neg, ours_neg, strict=True)]))
+            flops = 2.0 * len(queries) * n * d
+            run = {"n": n, "d": d, "queries": len(queries), "st_seconds": st_seconds,
+                   "ours_seconds": ours_seconds, "ours_search_seconds": search_seconds,
+                   "speedup": st_seconds / ours_seconds, "identical_negatives": agree,
+                   "search_gflops": flops / search_seconds / 1e9,
+                   "fraction_of_gemm": flops / search_seconds / gemm,
+                   "gemm_gflops": gemm / 1e9}
+            runs.append(run)
+            print(f"  N={n:>7}: mine_hard_negatives {st_seconds:6.2f} s | ours {ours_seconds:6.2f}"
+                  f" s (search {search_seconds:.2f} s) | speed-up {run['speedup']:.2f}x | "
+                  f"identical negatives {agree:.1%} | search at {run['fraction_of_gemm']:.0%} "
+                  f"of GEMM")
+    result = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+              "num_negatives": NUM_NEGATIVES, "range_max": RANGE_MAX, "margin": MARGIN,
+              "runs": runs}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
