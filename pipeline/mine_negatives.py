@@ -347,6 +347,7 @@ def mine_negatives(config: Config) -> dict[str, Any]:
     import ray
 
     start = time.perf_counter()
+    validate_mining(config.mining)
     folder = config.step_dir(STEP)
     if storage.is_complete(folder):
         logger.info("mine_negatives: complete already at %s", folder)
@@ -382,7 +383,9 @@ def mine_negatives(config: Config) -> dict[str, Any]:
     search_tasks = [SearchTask(i, uri, embedded.shard_uri(i), embedded.reject_uri(i),
                                targets_ref, folder, config.config_hash, config.mining)
                     for i, uri in enumerate(shards) if i not in done]
-    results = run_shard_tasks(search_tasks, search_shard, num_cpus=cpus)
+    # Search on the GPU when the cluster has one and the backend can use it.
+    search_gpus = gpus if config.mining.backend != "faiss" else 0.0
+    results = run_shard_tasks(search_tasks, search_shard, num_cpus=cpus, num_gpus=search_gpus)
     logger.info("mine_negatives: %d shards searched in this run", len(results))
     stats = merge_stats([storage.read_json(stats_uri(folder, i)) for i in range(len(shards))])
     histogram_png(stats, storage.join(folder, "scores.png"))
@@ -394,6 +397,21 @@ def mine_negatives(config: Config) -> dict[str, Any]:
                "totals": _totals(stats), "ivf_recall": recall,
                "inputs": {"pairs": storage.fingerprint(input_folder)},
                "config": config.to_dict()})
+
+
+def validate_mining(mining: MiningConfig) -> None:
+    """Settings that cannot work, refused before any heavy work."""
+    from pipeline.mining import FAISS_GPU_MAX_K
+
+    if mining.backend == "faiss_gpu" and mining.search_k > FAISS_GPU_MAX_K:
+        raise ValueError(f"mining.search_k={mining.search_k} exceeds FAISS GPU's limit of "
+                         f"{FAISS_GPU_MAX_K}; lower it or use mining.backend=torch")
+    if mining.search_k < mining.num_negatives:
+        raise ValueError(f"mining.search_k={mining.search_k} is below mining.num_negatives="
+                         f"{mining.num_negatives}: too few candidates to choose from")
+    if mining.selection == "range" and mining.range_max and mining.range_max <= mining.range_min:
+        raise ValueError(f"mining.range_max={mining.range_max} must exceed mining.range_min="
+                         f"{mining.range_min}")
 
 
 def _done(folder: str, num_shards: int) -> set[int]:

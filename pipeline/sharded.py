@@ -164,5 +164,5 @@ def run_shard_tasks(tasks: list[Any], worker: Any, *, num_cpus: float = 1.0,
     else:
         dataset = dataset.map_batches(_call_task, batch_size=1, batch_format="numpy",
                                       fn_kwargs={"fn": worker, "refs": refs},
-                                      num_cpus=num_cpus)
+                                      num_cpus=num_cpus, num_gpus=num_gpus)
     return dataset.take_all()

@@ -150,3 +150,26 @@ def test_rerun_skips_finished_shards(ray_local, tmp_path, miner):
     assert second["shards_skipped"] == 2
     assert second["per_dataset"] == first["per_dataset"]
     assert [os.stat(u).st_mtime_ns == mtimes[u] for u in shards] == [False, True, True]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("mining.search_k=2", "below mining.num_negatives"),
+    ("mining.backend=faiss_gpu", "exceeds FAISS GPU's limit"),
+])
+def test_impossible_settings_fail_before_work(tmp_path, override, message):
+    extra = ["mining.search_k=4096"] if "faiss_gpu" in override else []
+    config = load_config(DEMO, [*SMALL, *extra, override, f"output_root={tmp_path}"])
+    with pytest.raises(ValueError, match=message):
+        mine_negatives(config)
+    assert not any(tmp_path.iterdir())
+
+
+def test_ivf_recall_is_measured(ray_local, tmp_path, miner):
+    config = load_config(DEMO, [*SMALL, f"output_root={tmp_path / 'run'}",
+                                f"mining.miner={miner}", "mining.index=ivf",
+                                "mining.ivf_nlist=2", "mining.ivf_nprobe=2"])
+    prepare_data(config)
+    manifest = mine_negatives(config)
+    # nprobe = nlist searches every list: IVF is then exact and its recall is 1.
+    assert manifest["ivf_recall"] == pytest.approx(1.0)
+    assert manifest["rows_out"] == manifest["rows_in"]
