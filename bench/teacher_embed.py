@@ -73,7 +73,7 @@ def baseline(texts: list[str], batch_size: int) -> dict:
 def ray_job(texts: list[str], actors: int, batch_size: int, rows_per_shard: int) -> dict:
     import ray
 
-    from pipeline.models.teacher_embed import stats_uri, teacher_embed
+    from pipeline.models.teacher_embed import teacher_embed
     from pipeline.ray_utils import init_ray
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +88,8 @@ def ray_job(texts: list[str], actors: int, batch_size: int, rows_per_shard: int)
         manifest = teacher_embed(config)
         total = time.perf_counter() - start
         folder = config.step_dir("teacher_embed")
-        stats = [storage.read_json(stats_uri(folder, i)) for i in range(manifest["num_shards"])]
+        output = ShardedOutput(folder, config.config_hash, pa.schema([]))
+        stats = [storage.read_json(output.stats_uri(i)) for i in range(manifest["num_shards"])]
         ray.shutdown()
     busy = max(s["finished_at"] for s in stats) - min(s["started_at"] for s in stats)
     tokens = manifest["tokens_embedded"]

@@ -34,6 +34,7 @@ from pipeline import storage
 from pipeline.config import Config, MiningConfig
 from pipeline.data.schemas import MINED, PAIRS, embeddings_schema
 from pipeline.mining import select_negatives
+from pipeline.ray_utils import actor_pool_resources
 from pipeline.sharded import ShardedOutput, run_shard_tasks
 
 logger = logging.getLogger(__name__)
@@ -234,8 +235,9 @@ def search_shard(task: SearchTask) -> dict[str, Any]:
             for j, r in enumerate(q_rows)]
     stats = _shard_stats(datasets=[pairs[r]["dataset"] for r in q_rows],
                          selection=selection, pos_scores=pos_scores)
-    storage.write_json(stats_uri(task.folder, task.index), stats)
-    ShardedOutput(task.folder, task.config_hash, MINED).write_shard(task.index, rows, rejects)
+    output = ShardedOutput(task.folder, task.config_hash, MINED)
+    storage.write_json(output.stats_uri(task.index), stats)
+    output.write_shard(task.index, rows, rejects)
     return {"shard": task.index, "rows": len(rows), "seconds": time.perf_counter() - start,
             "search": json.dumps(result.stats, default=str)}
 
@@ -315,17 +317,6 @@ def merge_stats(shards: list[dict[str, Any]]) -> dict[str, Any]:
 # The step
 
 
-def pool_resources(mining: MiningConfig) -> tuple[int, float, float]:
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if gpus:
-        return mining.num_actors or gpus, mining.cpus_per_actor, 1.0
-    auto = max(1, int((resources.get("CPU", 1) - 1) // mining.cpus_per_actor))
-    return mining.num_actors or auto, mining.cpus_per_actor, 0.0
-
-
 def first_target_rows(pair_shards: list[str]) -> list[list[int]]:
     """Per shard, the rows whose (dataset, target key) is seen for the first time."""
     seen: set[tuple[str, str]] = set()
@@ -366,7 +357,8 @@ def mine_negatives(config: Config) -> dict[str, Any]:
     done = _done(embed_folder, len(shards))
     firsts = first_target_rows(shards)
     embed_tasks = [EmbedTask(i, uri, firsts[i]) for i, uri in enumerate(shards) if i not in done]
-    actors, cpus, gpus = pool_resources(config.mining)
+    actors, cpus, gpus = actor_pool_resources(config.mining.num_actors,
+                                              config.mining.cpus_per_actor)
     logger.info("mine_negatives: embedding %d shards (%d done) with %d actor(s) of %s",
                 len(embed_tasks), len(done), min(actors, len(embed_tasks) or 1), path)
     run_shard_tasks(embed_tasks, EmbedWorker, num_cpus=cpus, num_gpus=gpus,
@@ -387,7 +379,7 @@ def mine_negatives(config: Config) -> dict[str, Any]:
     search_gpus = gpus if config.mining.backend != "faiss" else 0.0
     results = run_shard_tasks(search_tasks, search_shard, num_cpus=cpus, num_gpus=search_gpus)
     logger.info("mine_negatives: %d shards searched in this run", len(results))
-    stats = merge_stats([storage.read_json(stats_uri(folder, i)) for i in range(len(shards))])
+    stats = merge_stats([storage.read_json(output.stats_uri(i)) for i in range(len(shards))])
     histogram_png(stats, storage.join(folder, "scores.png"))
     recall = _ivf_recall(config.mining, targets) if config.mining.index == "ivf" else None
     return output.finish(
@@ -416,11 +408,6 @@ def validate_mining(mining: MiningConfig) -> None:
 
 def _done(folder: str, num_shards: int) -> set[int]:
     return ShardedOutput(folder, "", MINED).done_shards(num_shards)
-
-
-def stats_uri(folder: str, index: int) -> str:
-    """Per-shard filter counts and histograms, kept so a resumed run can merge them."""
-    return storage.join(folder, "_stats", storage.shard_name(index).replace(".parquet", ".json"))
 
 
 def _per_dataset(stats: dict[str, Any]) -> dict[str, Any]:

@@ -51,3 +51,20 @@ def init_ray(config: Config) -> Any:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = config.ray.progress_bars
     return ray
+
+
+def actor_pool_resources(num_actors: int, cpus_per_actor: float) -> tuple[int, float, float]:
+    """(actors, CPUs per actor, GPUs per actor) of a model-actor pool on this cluster.
+
+    One actor per GPU when the cluster has GPUs (``num_actors`` overrides the count);
+    otherwise ``(cluster CPUs - 1) / cpus_per_actor`` actors, leaving one CPU for Ray
+    Data's own tasks (a pool that takes every CPU starves them: ENVIRONMENT.md).
+    """
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if gpus:
+        return num_actors or gpus, cpus_per_actor, 1.0
+    auto = max(1, int((resources.get("CPU", 1) - 1) // cpus_per_actor))
+    return num_actors or auto, cpus_per_actor, 0.0

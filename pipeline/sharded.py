@@ -26,6 +26,7 @@ from pipeline.data.schemas import REJECTS
 logger = logging.getLogger(__name__)
 
 JOB_FILE = "_job.json"
+STATS_DIR = "_stats"
 
 
 class OutputConflictError(storage.StorageError):
@@ -46,6 +47,11 @@ class ShardedOutput:
 
     def reject_uri(self, index: int) -> str:
         return storage.join(self.folder, storage.REJECTS_DIR, storage.shard_name(index))
+
+    def stats_uri(self, index: int) -> str:
+        """Per-shard statistics (JSON), kept so that a resumed run can sum them."""
+        name = storage.shard_name(index).replace(storage.SHARD_SUFFIX, ".json")
+        return storage.join(self.folder, STATS_DIR, name)
 
     # -- lifecycle -----------------------------------------------------------------------
     def claim(self) -> None:

@@ -14,7 +14,6 @@ from pipeline.models.teacher import resolve_teacher_path
 from pipeline.models.teacher_embed import (
     TeacherShardWorker,
     TeacherTask,
-    stats_uri,
     teacher_embed,
 )
 
@@ -102,7 +101,7 @@ def test_nan_vectors_reject_their_group(tmp_path):
     (reject,) = rejects.to_pylist()
     assert (reject["id"], reject["reason"], reject["field"]) == ("b", "nan_embedding",
                                                                 "teacher_emb[0]")
-    assert storage.read_json(stats_uri(str(tmp_path / "out"), 0))["texts"] == 6
+    assert storage.read_json(str(tmp_path / "out" / "_stats" / "part-00000.json"))["texts"] == 6
 
 
 def test_truncated_texts_are_counted(tmp_path):

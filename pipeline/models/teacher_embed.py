@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.config import Config, TeacherConfig
 from pipeline.data.schemas import teacher_schema
+from pipeline.ray_utils import actor_pool_resources
 from pipeline.sharded import ShardedOutput, run_shard_tasks
 
 logger = logging.getLogger(__name__)
@@ -93,14 +94,9 @@ class TeacherShardWorker:
                  "truncated": int(sum(n > self.teacher.max_seq_length for n in lengths)),
                  "seconds": round(time.perf_counter() - start, 3),
                  "started_at": started_at, "finished_at": time.time()}
-        storage.write_json(stats_uri(self.output.folder, task.index), stats)
+        storage.write_json(self.output.stats_uri(task.index), stats)
         self.output.write_shard(task.index, table, rejects)
         return stats
-
-
-def stats_uri(folder: str, index: int) -> str:
-    """Per-shard counts (texts, tokens, truncated), kept so a resumed run can sum them."""
-    return storage.join(folder, "_stats", storage.shard_name(index).replace(".parquet", ".json"))
 
 
 def nan_reject(row: dict[str, Any], task: TeacherTask, position: int,
@@ -110,20 +106,6 @@ def nan_reject(row: dict[str, Any], task: TeacherTask, position: int,
             "field": f"teacher_emb[{text}]", "reason": "nan_embedding",
             "detail": "the teacher produced a NaN/inf vector",
             "row_json": json.dumps(row, ensure_ascii=False)}
-
-
-def pool_resources(teacher: TeacherConfig) -> tuple[int, float, float]:
-    """(actors, CPUs per actor, GPUs per actor) for the cluster Ray is connected to."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if gpus:
-        return teacher.num_actors or gpus, teacher.cpus_per_actor, 1.0
-    cpus = resources.get("CPU", 1)
-    # Leave one CPU free for Ray Data's own tasks (a full pool starves them: ENVIRONMENT.md).
-    auto = max(1, int((cpus - 1) // teacher.cpus_per_actor))
-    return teacher.num_actors or auto, teacher.cpus_per_actor, 0.0
 
 
 def teacher_embed(config: Config) -> dict[str, Any]:
@@ -139,7 +121,8 @@ def teacher_embed(config: Config) -> dict[str, Any]:
     if len(shards) != inputs["num_shards"]:
         raise storage.StorageError(f"{input_folder}: manifest lists {inputs['num_shards']} "
                                    f"shards but {len(shards)} are present")
-    actors, cpus, gpus = pool_resources(config.teacher)
+    actors, cpus, gpus = actor_pool_resources(config.teacher.num_actors,
+                                              config.teacher.cpus_per_actor)
     kwargs = {"teacher": teacher_kwargs(config.teacher), "batch_size": config.teacher.batch_size,
               "folder": folder, "config_hash": config.config_hash,
               "torch_threads": int(cpus)}
@@ -157,7 +140,7 @@ def teacher_embed(config: Config) -> dict[str, Any]:
     logger.info("teacher_embed: %d shards embedded in this run", len(results))
     dim = _dim_of(folder)
     output = ShardedOutput(folder, config.config_hash, teacher_schema(dim))
-    shard_stats = [storage.read_json(stats_uri(folder, i)) for i in range(len(shards))]
+    shard_stats = [storage.read_json(output.stats_uri(i)) for i in range(len(shards))]
     stats = {k: sum(s[k] for s in shard_stats) for k in ("texts", "tokens", "truncated")}
     if stats["truncated"]:
         logger.warning("teacher_embed: %d of %d texts were longer than the teacher's limit "
