@@ -11,9 +11,9 @@ speed-up (a)/(b), the agreement of the chosen negatives, and how close our searc
 to this machine's own measured fp32 GEMM rate (FLOPs of the search / time / GEMM FLOP/s);
 writes bench/results/mining.json.
 
-``datasets`` is not installed here: a minimal in-memory stand-in for ``datasets.Dataset``
-is passed in (``mine_hard_negatives`` only builds and indexes one); the model is a stand-in
-whose ``encode`` returns the fixed vectors, so both sides see identical embeddings.
+``datasets`` is not installed here: tests/st_standins.py supplies a minimal in-memory
+``datasets.Dataset`` and a model whose ``encode`` returns the fixed vectors, so both
+sides see identical embeddings.
 """
 from __future__ import annotations
 
@@ -22,8 +22,6 @@ import json
 import os
 import sys
 import time
-import types
-from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,58 +29,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.mining import search_topk, select_negatives  # noqa: E402
+from tests.st_standins import (  # noqa: E402
+    FixedEmbeddingModel,
+    InMemoryDataset,
+    enable_mine_hard_negatives,
+)
 
 NUM_NEGATIVES, RANGE_MAX, MARGIN = 8, 64, 0.1
-
-
-class InMemoryDataset:
-    """What ``mine_hard_negatives`` uses of ``datasets.Dataset``."""
-
-    def __init__(self, columns: dict[str, list]) -> None:
-        self._columns = {k: list(v) for k, v in columns.items()}
-
-    @classmethod
-    def from_dict(cls, columns: dict[str, list]) -> InMemoryDataset:
-        return cls(columns)
-
-    @property
-    def column_names(self) -> list[str]:
-        return list(self._columns)
-
-    def __len__(self) -> int:
-        return len(next(iter(self._columns.values())))
-
-    def __getitem__(self, column: str) -> list:
-        return self._columns[column]
-
-    def to_pandas(self) -> Any:
-        import pandas as pd
-
-        return pd.DataFrame(self._columns)
-
-
-class FixedModel:
-    """``encode_query``/``encode_document`` return precomputed vectors looked up by text."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, texts: list[str], emb: np.ndarray) -> None:
-        self.index = {t: i for i, t in enumerate(texts)}
-        self.emb = emb
-
-    def _encode(self, texts: list[str], **_: Any) -> np.ndarray:
-        return self.emb[[self.index[t] for t in texts]]  # (n, d)
-
-    encode_query = encode_document = _encode
-
-    def get_embedding_dimension(self) -> int:
-        return int(self.emb.shape[1])
-
-    def similarity(self, a: Any, b: Any) -> torch.Tensor:
-        return torch.as_tensor(a) @ torch.as_tensor(b).T  # (n, m)
-
-    def similarity_pairwise(self, a: Any, b: Any) -> torch.Tensor:
-        return (torch.as_tensor(a) * torch.as_tensor(b)).sum(-1)  # (n,)
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -102,14 +55,12 @@ def make_world(n: int, q: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.nd
 
 
 def st_mine(queries: np.ndarray, corpus: np.ndarray) -> tuple[float, list[list[str]]]:
-    from sentence_transformers.util import hard_negatives
-
+    hard_negatives = enable_mine_hard_negatives()
     q, n = len(queries), len(corpus)
     q_text = [f"q{i}" for i in range(q)]
     c_text = [f"c{i}" for i in range(n)]
-    model = FixedModel(q_text + c_text, np.concatenate([queries, corpus]))
-    sys.modules.setdefault("datasets", types.SimpleNamespace(Dataset=InMemoryDataset))
-    hard_negatives.is_datasets_available = lambda: True
+    model = FixedEmbeddingModel(dict(zip(q_text + c_text, np.concatenate([queries, corpus]),
+                                         strict=True)))
     start = time.perf_counter()
     out = hard_negatives.mine_hard_negatives(
         InMemoryDataset({"anchor": q_text, "positive": c_text[:q]}), model,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import types
 from typing import Any
 
 import faiss
@@ -23,6 +22,7 @@ from pipeline.mining import (
     select_negatives,
     summarize_counts,
 )
+from tests.st_standins import FixedEmbeddingModel, InMemoryDataset, datasets_standin
 
 N_CAND, N_QUERY, DIM = 1000, 200, 32
 BLOCK, QUERY_BLOCK = 137, 61  # neither divides N_CAND / N_QUERY
@@ -408,52 +408,6 @@ def test_range_selection_is_seeded_and_within_the_survivor_window():
 
 
 # -- equivalence with sentence-transformers ---------------------------------------------
-class _FakeDataset:
-    """The part of ``datasets.Dataset`` that ``mine_hard_negatives`` touches."""
-
-    def __init__(self, columns: dict[str, list]) -> None:
-        self._columns = {name: list(values) for name, values in columns.items()}
-
-    @classmethod
-    def from_dict(cls, columns: dict[str, list]) -> _FakeDataset:
-        return cls(columns)
-
-    @property
-    def column_names(self) -> list[str]:
-        return list(self._columns)
-
-    def __len__(self) -> int:
-        return len(next(iter(self._columns.values())))
-
-    def __getitem__(self, column: str) -> list:
-        return self._columns[column]
-
-    def to_pandas(self):
-        import pandas as pd
-
-        return pd.DataFrame(self._columns)
-
-
-class _FixedEmbeddingModel:
-    """A model whose ``encode_*`` return fixed unit vectors looked up by text."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, table: dict[str, np.ndarray]) -> None:
-        self.table = table
-
-    def _encode(self, texts: list[str], **_: Any) -> np.ndarray:
-        return np.stack([self.table[text] for text in texts])  # (n, d)
-
-    encode_query = encode_document = _encode
-
-    def similarity(self, a, b) -> torch.Tensor:
-        return torch.as_tensor(a) @ torch.as_tensor(b).T  # (n, m)
-
-    def similarity_pairwise(self, a, b) -> torch.Tensor:
-        return (torch.as_tensor(a) * torch.as_tensor(b)).sum(-1)  # (n,)
-
-
 def _mining_world(seed: int, n_pairs: int = 40, n_extra: int = 160):
     """Queries, positives (some near, some random) and extra docs, some near the queries."""
     rng = np.random.default_rng(seed)
@@ -476,12 +430,10 @@ def _st_negatives(monkeypatch, queries, positives, docs, table, **kwargs) -> dic
     query text."""
     from sentence_transformers.util import hard_negatives
 
-    fake_datasets = types.ModuleType("datasets")
-    fake_datasets.Dataset = _FakeDataset
-    monkeypatch.setitem(sys.modules, "datasets", fake_datasets)
+    monkeypatch.setitem(sys.modules, "datasets", datasets_standin())
     monkeypatch.setattr(hard_negatives, "is_datasets_available", lambda: True)
     out = hard_negatives.mine_hard_negatives(
-        _FakeDataset({"anchor": queries, "positive": positives}), _FixedEmbeddingModel(table),
+        InMemoryDataset({"anchor": queries, "positive": positives}), FixedEmbeddingModel(table),
         corpus=docs, sampling_strategy="top", output_format="labeled-list",
         output_scores=True, use_faiss=False, verbose=False, **kwargs)
     return {anchor: (texts[1:], scores[1:]) for anchor, texts, scores
