@@ -17,11 +17,12 @@ from pipeline.cli import parse_config
 from pipeline.data import prepare
 from pipeline.models import teacher_embed
 from pipeline.ray_utils import init_ray
+from pipeline.train import stage1
 
 logger = logging.getLogger("run_all")
 
 # Steps not built yet: run_all says so instead of pretending.
-NOT_YET_BUILT = ("stage1", "mine_negatives", "stage2", "evaluate", "export")
+NOT_YET_BUILT = ("mine_negatives", "stage2", "evaluate", "export")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     print(prepare.format_summary(manifest, config.step_dir(prepare.STEP)))
     manifest = teacher_embed.teacher_embed(config)
     print(teacher_embed.format_summary(manifest, config.step_dir(teacher_embed.STEP)))
+    manifest = stage1.stage1(config)
+    print(stage1.format_summary(manifest, config.step_dir(stage1.STEP)))
     print(f"\nrun {config.run_name}: finished in {time.perf_counter() - start:.1f} s; "
           f"outputs under {config.run_root}/")
     print("steps not built yet (skipped): " + ", ".join(NOT_YET_BUILT))

@@ -180,6 +180,127 @@ class MiningConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """The student MLLM that the training stages turn into an embedding model."""
+
+    path: str = _knob("tiny:llava_next", help="student backbone: a local folder, an s3:// "
+                      "prefix, or tiny:<family> = a random-weight tiny model of that family "
+                      "built once under <run_root>/models/tiny-<family> (tests, the demo)")
+    family: Literal["", "llava_next", "qwen2_vl", "qwen2_5_vl", "phi3_v"] = _knob(
+        "", help="backbone family; '' = from the folder (unime_backbone.json or config.json "
+        "model_type) or from tiny:<family>")
+    trust_remote_code: bool = _knob(False, help="run Python code shipped with the checkpoint "
+                                    "(Phi-3.5-V has no other way to load); off unless set")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _knob(
+        "auto", help="dtype of the exported merged model (<stage>/model); auto = the "
+        "training precision (float32 for fp32, bfloat16 for bf16, float16 for fp16)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Ray Train + DeepSpeed settings shared by both training stages."""
+
+    num_workers: int = _knob(2, min=1, hashed=False, help="Ray Train workers (data-parallel "
+                             "ranks). Each takes an equal slice of every global batch and the "
+                             "loss is computed on the gathered global batch, so the math does "
+                             "not depend on it (not hashed); resume with the same number")
+    use_gpu: Literal["auto", True, False] = _knob(
+        "auto", hashed=False, help="one GPU per worker; auto = when the Ray cluster has GPUs")
+    cpus_per_worker: float = _knob(1.0, min=0.1, hashed=False, help="CPUs reserved per "
+                                   "worker (also its torch threads on CPU)")
+    zero_stage: int = _knob(2, min=0, max=3, help="DeepSpeed ZeRO stage: 2 partitions "
+                            "optimizer state and gradients; 3 also the parameters (the model "
+                            "is then loaded under HfDeepSpeedConfig)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _knob(
+        "auto", help="training precision; auto = bf16 on GPU, fp32 on CPU")
+    grad_cache_chunk_size: int = _knob(0, min=0, hashed=False, help="rows per forward of "
+                                       "the gradient cache; 0 = one plain forward/backward "
+                                       "over the worker's whole local batch (same gradient, "
+                                       "tested; only memory and speed change)")
+    grad_cache_reduce_once: bool = _knob(True, hashed=False, help="one gradient reduction "
+                                         "per step instead of one per chunk (needs "
+                                         "zero_stage >= 1; holds the full LoRA gradients)")
+    checkpoint_every_steps: int = _knob(100, min=1, hashed=False, help="checkpoint (DeepSpeed "
+                                        "state + data position) every N steps and at the end")
+    checkpoints_to_keep: int = _knob(2, min=1, hashed=False, help="latest checkpoints kept "
+                                     "in storage")
+    max_failures: int = _knob(1, min=-1, hashed=False, help="restarts of the worker group "
+                              "from the latest checkpoint after a failure; -1 = unlimited")
+    log_every_steps: int = _knob(10, min=1, hashed=False, help="progress line and metrics "
+                                 "flush every N steps (rank 0)")
+    seed: int = _knob(0, help="seed of the data order, LoRA init, dropout and tiny students")
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    """Stage 1: textual discriminative knowledge distillation (LoRA on the language model)."""
+
+    lora_rank: int = _knob(32, min=1, help="LoRA rank (paper: 32; 4..64 within 0.4 points)")
+    lora_alpha: int = _knob(64, min=1, help="LoRA alpha (scale = alpha / rank); open")
+    lora_dropout: float = _knob(0.05, min=0.0, max=0.9, help="dropout on the LoRA input; open")
+    lr: float = _knob(5e-4, min=1e-9, help="peak learning rate of AdamW")
+    warmup_ratio: float = _knob(0.05, min=0.0, max=1.0, help="share of the scheduled steps "
+                                "spent warming up linearly to lr (rounded up)")
+    schedule: Literal["linear", "cosine", "constant"] = _knob(
+        "linear", help="decay after warm-up, over all scheduled steps (epochs x steps/epoch)")
+    weight_decay: float = _knob(0.0, min=0.0, help="AdamW weight decay")
+    max_grad_norm: float = _knob(1.0, min=0.0, help="gradient clipping by global norm; 0 = off")
+    epochs: int = _knob(2, min=1, help="passes over the text groups")
+    max_steps: int = _knob(0, min=0, hashed=False, help="stop after this many optimizer "
+                           "steps (0 = all). Not hashed and not part of the LR schedule: a "
+                           "run stopped early resumes on the same schedule")
+    global_batch_groups: int = _knob(256, min=1, help="text groups per optimizer step over "
+                                     "all workers (256 NLI groups = 768 texts, the paper's "
+                                     "batch); a multiple of train.num_workers")
+    temperature: float = _knob(0.05, min=1e-4, help="softmax temperature of both "
+                               "similarity distributions (tau)")
+    kl_direction: Literal["student||teacher", "teacher||student"] = _knob(
+        "student||teacher", help="KL(P_s || P_t) as printed in the paper, or KL(P_t || P_s)")
+    mask_self: bool = _knob(True, help="leave each text's self-similarity out of its "
+                            "distribution")
+    reduction: Literal["sum", "mean", "batchmean"] = _knob(
+        "sum", help="over the rows of the global batch: sum (the paper) or mean")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The evaluate step. Not part of the run's config hash (evaluating another way must not
+    move or retrain the run): the step hashes these settings itself (``eval_hash``)."""
+
+    models: tuple[str, ...] = _knob(
+        ("base=student", "stage1", "stage2"), help="models to evaluate, 'label=path' or a "
+        "special value: student (model.path), stage1 / stage2 (<run_root>/<stage>/model); "
+        "a path is a local folder or s3:// prefix that Embedder.from_pretrained loads")
+    prompt_mode: Literal["instruction", "one_word", "raw"] = _knob(
+        "instruction", help="prompt mode of the MMEB-format sets (texts carry their task "
+                            "instructions as stored)")
+    caption_prompt_mode: Literal["instruction", "one_word", "raw"] = _knob(
+        "one_word", help="prompt mode of the caption sets (SugarCrepe, retrieval): one_word = "
+        "E5-V prompts; instruction = VLM2Vec image/caption instructions")
+    mmeb: bool = _knob(True, help="evaluate the prepared MMEB-format eval table when present")
+    sugarcrepe: str = _knob("", help="folder of SugarCrepe <category>.json files; '' = the demo "
+                            "world's when data.use_demo_world, else skipped; 'off' = skip")
+    sugarcrepe_images: str = _knob("", help="root of the SugarCrepe image filenames; '' = the "
+                                   "demo world root (demo) or the sugarcrepe folder")
+    retrieval_json: str = _knob("", help="Karpathy-style caption file (Flickr30K / COCO / "
+                                "long captions); '' = the demo world's when "
+                                "data.use_demo_world, else skipped; 'off' = skip")
+    retrieval_images: str = _knob("", help="root of its image paths (filepath/filename); '' "
+                                  "= the demo world root (demo) or the JSON's folder")
+    retrieval_split: str = _knob("test", help="Karpathy split to evaluate; '' = every image")
+    retrieval_ks: tuple[int, ...] = _knob((1, 5, 10), help="K of the Recall@K metrics")
+    extra_metatasks: tuple[str, ...] = _knob((), help="'dataset=metatask' for MMEB-format "
+                                             "datasets outside MMEB's 36 and the demo's")
+    batch_size: int = _knob(16, min=1, hashed=False, help="rows per Embedder forward")
+    items_per_task: int = _knob(1024, min=1, hashed=False, help="distinct items per Ray Data "
+                                "task (one embedding shard each)")
+    num_actors: int = _knob(0, min=0, hashed=False, help="Embedder actors; 0 = one per GPU, "
+                            "or (cluster CPUs - 1) / cpus_per_actor")
+    cpus_per_actor: float = _knob(1.0, min=0.1, hashed=False, help="CPUs (and torch threads) "
+                                  "per Embedder actor")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole run."""
 
@@ -193,6 +314,10 @@ class Config:
     data: DataConfig = _section(DataConfig, help="data preparation")
     teacher: TeacherConfig = _section(TeacherConfig, help="stage-1 teacher embeddings")
     mining: MiningConfig = _section(MiningConfig, help="offline hard-negative mining")
+    model: ModelConfig = _section(ModelConfig, help="the student MLLM")
+    train: TrainConfig = _section(TrainConfig, help="Ray Train + DeepSpeed, both stages")
+    stage1: Stage1Config = _section(Stage1Config, help="stage 1: textual distillation")
+    eval: EvalConfig = _section(EvalConfig, help="the evaluate step", hashed=False)
 
     # -- derived ------------------------------------------------------------------------
     @property

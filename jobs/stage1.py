@@ -1,0 +1,35 @@
+"""Stage 1: textual discriminative knowledge distillation (Ray Train + DeepSpeed, LoRA).
+
+Local:    python jobs/stage1.py --config jobs/configs/demo.yaml
+Cluster:  ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
+              python jobs/stage1.py --config jobs/configs/qwen2vl_2b.yaml output_root=s3://BUCKET/runs/qwen2vl-2b
+Needs:    <output_root>/teacher_embed (run jobs/prepare_data.py and jobs/teacher_embed.py first)
+Outputs:  <output_root>/stage1/{ray/,adapter/,model/,metrics.jsonl,curves.png,tensorboard/} + _manifest.json
+Resume:   relaunch the same command: it continues from the last checkpoint of its run
+"""
+from __future__ import annotations
+
+import sys
+
+import _bootstrap  # noqa: F401  (makes `pipeline` importable from a plain checkout)
+
+from pipeline.cli import parse_config
+from pipeline.config import ConfigError
+from pipeline.ray_utils import init_ray
+from pipeline.train.stage1 import STEP, check_config, format_summary, stage1
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(argv, __doc__)
+    try:
+        check_config(config)  # before Ray starts
+        init_ray(config)
+        manifest = stage1(config)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    print(format_summary(manifest, config.step_dir(STEP)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,566 @@
+"""The Ray Train worker loop shared by both training stages.
+
+Plug-in
+-------
+A stage is a :class:`StageSpec`: it builds the model (an ``Embedder`` with LoRA; the
+parameters with ``requires_grad`` train), decodes rows of its input table, turns the rows
+of one rank's slice of a global batch into a :class:`StepBatch` (chunks of model inputs,
+the embed function, the loss over the *gathered global* embeddings, sample and token
+counts), says which parts are frozen, and exports its outputs at the end. The loop owns
+everything else, once for both stages: ``TorchTrainer`` + ``ScalingConfig``, DeepSpeed
+(ZeRO-2/3, precision, AdamW, warm-up + decay, clipping), the gradient cache, the data
+order, checkpoint/resume, frozen-weight guards and rank-0 metrics. Stage 1 is
+:class:`pipeline.train.stage1.Stage1Spec`; stage 2 plugs in its pairs, instruction
+prompts and hard-negative loss the same way.
+
+Data split (determinism)
+------------------------
+``streaming_split`` hands blocks to workers dynamically, so which rows a rank sees (and
+in which order) depends on timing: not reproducible, not resumable mid-epoch. Instead:
+
+- the driver passes the sorted list of row keys (group ids, unique: the data layer
+  rejects duplicates) and every worker gets the whole dataset unsplit
+  (``DataConfig(datasets_to_split=[])``) through ``ray.train.get_dataset_shard``;
+- epoch ``e`` visits the keys in the order ``permutation(seed, e)``; global batch ``b`` is
+  positions ``[b*G, (b+1)*G)`` of that order and rank ``r`` takes the ``r``-th of ``W``
+  equal consecutive slices of it (``G % W == 0``; the last partial batch is dropped);
+- each epoch, every worker streams the dataset once and keeps only the rows of its own
+  slices from the resume position on, so a worker holds about 1/W of the data (the
+  stream is cheap next to the forward passes; the rows' order in the stream does not
+  matter because rows are looked up by key);
+- the data position is the global step: ``divmod(step, steps_per_epoch)`` gives the epoch
+  and the batch, so a checkpoint resumes mid-epoch exactly.
+
+The global batch (and its order after the gather) does not depend on ``W``: the number of
+workers changes who computes which rows, not the loss. All ranks must run the same
+number of steps (a rank that stops early leaves the others hanging in a collective):
+:func:`steps_per_rank` checks the counts of complete local batches gathered from every
+rank and fails fast with a clear error.
+
+Randomness: a stage seeds its LoRA init with ``seed`` alone (identical on every rank and
+ZeRO stage); dropout uses the generator seeded by (seed, step, rank) at every step, so a
+resumed step draws the same masks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from pipeline import storage
+from pipeline.config import Config, TrainConfig
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.metrics import MetricsLogger
+
+logger = logging.getLogger(__name__)
+
+TRAIN_DATASET = "train"
+SUMMARY_FILE = "train_summary.json"
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+class StepMismatchError(RuntimeError):
+    """Ranks would run different numbers of steps (and hang in a collective)."""
+
+
+# -- settings ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class OptimSettings:
+    """A stage's optimizer and schedule knobs."""
+
+    lr: float
+    warmup_ratio: float
+    schedule: str
+    weight_decay: float
+    max_grad_norm: float
+    epochs: int
+    max_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    """Everything the worker loop needs besides the stage itself (built on the driver)."""
+
+    stage: str                    # e.g. "stage1"; also the metrics prefix
+    stage_dir: str                # absolute URI of the stage's output folder
+    train: TrainConfig
+    optim: OptimSettings
+    global_batch_rows: int        # rows (e.g. text groups) per optimizer step, all ranks
+    row_keys: tuple[str, ...]     # sorted keys of every input row
+    precision: str                # resolved: fp32 | bf16 | fp16
+    use_gpu: bool
+    log_level: str = "INFO"
+    sample_unit: str = "samples"  # what samples/s counts, e.g. "texts"
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(len(self.row_keys), self.global_batch_rows,
+                               self.train.num_workers)
+
+    @property
+    def total_steps(self) -> int:
+        """The LR schedule's horizon: every epoch (``max_steps`` does not change it)."""
+        return self.optim.epochs * self.steps_per_epoch
+
+    @property
+    def stop_step(self) -> int:
+        """Step after which this launch stops: ``max_steps`` or the whole schedule."""
+        if self.optim.max_steps:
+            return min(self.optim.max_steps, self.total_steps)
+        return self.total_steps
+
+
+@dataclasses.dataclass
+class WorkerContext:
+    """One worker's place in the run."""
+
+    settings: LoopSettings
+    rank: int
+    world_size: int
+    device: torch.device
+    hf_deepspeed_config: Any = None  # kept alive while a ZeRO-3 model is built
+
+    @property
+    def is_rank_zero(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16,
+                "fp16": torch.float16}[self.settings.precision]
+
+
+@dataclasses.dataclass
+class StepBatch:
+    """One rank's part of one optimizer step, as a stage prepares it."""
+
+    chunks: list[Any]                             # model inputs; one chunk = no grad cache
+    loss_fn: Callable[[torch.Tensor], torch.Tensor]  # gathered (W * n_local, D) -> ()
+    num_samples: int                              # local samples (rows embedded)
+    num_tokens: int                               # local non-padding tokens
+
+
+class StageSpec(Protocol):
+    """What a training stage plugs into the loop (see the module docstring)."""
+
+    settings: LoopSettings
+    key_column: str
+
+    def build_model(self, ctx: WorkerContext) -> torch.nn.Module:
+        """The model to train, on ``ctx.device``; parameters with requires_grad train. Random
+        init (LoRA) must depend on ``settings.train.seed`` only: the same on every rank."""
+
+    def set_train_mode(self, module: torch.nn.Module) -> None:
+        """Train mode for what trains, eval mode for the frozen parts."""
+
+    def check_frozen(self, module: torch.nn.Module) -> None:
+        """Raise if a part that must stay frozen is trainable or in train mode."""
+
+    def decode_rows(self, table: Any) -> dict[str, Any]:
+        """A pyarrow table of input rows -> {key: row}."""
+
+    def make_step(self, ctx: WorkerContext, module: torch.nn.Module,
+                  rows: list[Any]) -> StepBatch:
+        """This rank's rows of one global batch -> model inputs and the global loss."""
+
+    def embed(self, engine: Any, chunk: Any) -> torch.Tensor:
+        """(n_chunk, D) embeddings of one chunk through the engine (``engine(...)``)."""
+
+    def export(self, ctx: WorkerContext, engine: Any) -> dict[str, Any]:
+        """Called on every rank after training; rank 0 returns what it wrote."""
+
+
+# -- schedule ------------------------------------------------------------------------------------
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    """``ceil(warmup_ratio * total_steps)`` (a float-safe ceil), at most ``total_steps``."""
+    return min(total_steps, math.ceil(warmup_ratio * total_steps - 1e-9))
+
+
+def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Factor of the peak LR for the update with 0-based index ``step``.
+
+    Warm-up: ``(step + 1) / warmup_steps`` for ``step < warmup_steps`` (the first update
+    already moves; the last warm-up update uses the peak). Then, with
+    ``progress = (step - warmup_steps) / (total_steps - warmup_steps)`` in [0, 1):
+    ``linear`` = ``1 - progress``, ``cosine`` = ``(1 + cos(pi * progress)) / 2``,
+    ``constant`` = 1. The last update keeps a small positive LR.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# -- data order ----------------------------------------------------------------------------------
+def steps_per_epoch(num_rows: int, global_batch_rows: int, world_size: int) -> int:
+    """Full global batches per epoch (drop last); errors name the config keys."""
+    if global_batch_rows % world_size:
+        raise ValueError(f"the global batch of {global_batch_rows} rows does not split into "
+                         f"{world_size} equal worker slices: make the stage's global batch "
+                         f"a multiple of train.num_workers")
+    steps = num_rows // global_batch_rows
+    if steps == 0:
+        raise ValueError(f"{num_rows} input rows are fewer than one global batch of "
+                         f"{global_batch_rows}: lower the stage's global batch")
+    return steps
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """(num_rows,) positions into the sorted keys, in epoch ``epoch``'s visiting order."""
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def local_positions(order: np.ndarray, step_in_epoch: int, rank: int, *,
+                    global_batch_rows: int, world_size: int) -> np.ndarray:
+    """(G / W,) positions of rank ``rank``'s slice of batch ``step_in_epoch``."""
+    per_rank = global_batch_rows // world_size
+    start = step_in_epoch * global_batch_rows + rank * per_rank
+    return order[start:start + per_rank]
+
+
+def steps_per_rank(complete_steps_by_rank: Sequence[int]) -> int:
+    """The number of steps every rank runs, from each rank's count of complete local
+    batches; :class:`StepMismatchError` when they differ (a rank would stop early and
+    leave the others waiting in a collective forever)."""
+    counts = list(complete_steps_by_rank)
+    if not counts:
+        raise ValueError("no ranks")
+    if len(set(counts)) > 1:
+        detail = ", ".join(f"rank {r}: {n}" for r, n in enumerate(counts))
+        raise StepMismatchError(
+            f"ranks have different numbers of complete batches this epoch ({detail}); "
+            "they would run unequal steps and hang in a collective. Every worker must see "
+            "the whole dataset (DataConfig(datasets_to_split=[])) and the input must not "
+            "change during the run")
+    return counts[0]
+
+
+def _load_epoch_rows(ctx: WorkerContext, spec: StageSpec, shard: Any, order: np.ndarray,
+                     start: int) -> tuple[list[list[Any]], str | None]:
+    """This rank's rows for the complete batches from step ``start`` of the epoch on, and
+    the first key that is missing from the dataset (None when all are there)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    settings = ctx.settings
+    keys = settings.row_keys
+    steps = settings.steps_per_epoch
+    wanted_positions = [local_positions(order, s, ctx.rank, world_size=ctx.world_size,
+                                        global_batch_rows=settings.global_batch_rows)
+                        for s in range(start, steps)]
+    wanted = {keys[p] for positions in wanted_positions for p in positions}
+    value_set = pa.array(sorted(wanted), pa.string())
+    found: dict[str, Any] = {}
+    for batch in shard.iter_batches(batch_format="pyarrow", batch_size=4096):
+        kept = batch.filter(pc.is_in(batch[spec.key_column], value_set=value_set))
+        if kept.num_rows:
+            rows = spec.decode_rows(kept)
+            if len(rows) != kept.num_rows or found.keys() & rows.keys():
+                raise ValueError(f"duplicate {spec.key_column} values in the input rows")
+            found.update(rows)
+    batches: list[list[Any]] = []
+    for positions in wanted_positions:
+        missing = [keys[p] for p in positions if keys[p] not in found]
+        if missing:
+            return batches, missing[0]
+        batches.append([found[keys[p]] for p in positions])
+    return batches, None
+
+
+# -- engine ----------------------------------------------------------------------------------------
+def deepspeed_settings(settings: LoopSettings, *, micro_batch_rows: int) -> dict[str, Any]:
+    """The DeepSpeed config dict of a run."""
+    from pipeline.train.deepspeed_utils import deepspeed_config
+
+    return deepspeed_config(zero_stage=settings.train.zero_stage,
+                            micro_batch_size_per_gpu=micro_batch_rows,
+                            precision=settings.precision,  # type: ignore[arg-type]
+                            lr=settings.optim.lr, weight_decay=settings.optim.weight_decay,
+                            gradient_clipping=settings.optim.max_grad_norm)
+
+
+def build_engine(ctx: WorkerContext, spec: StageSpec) -> Any:
+    """``deepspeed.initialize`` on the stage's model: AdamW on the trainable parameters,
+    warm-up + decay schedule, clipping; ZeRO-3 models are built under HfDeepSpeedConfig."""
+    import deepspeed
+
+    from pipeline.train.deepspeed_utils import disable_shm_comm_op
+
+    settings = ctx.settings
+    if ctx.device.type == "cpu":
+        disable_shm_comm_op()  # plain gloo collectives; no 50 s JIT build on CPU workers
+    if torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    config = deepspeed_settings(settings, micro_batch_rows=max(
+        1, settings.global_batch_rows // ctx.world_size))
+    if settings.train.zero_stage == 3:
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+        ctx.hf_deepspeed_config = HfDeepSpeedConfig(config)  # must outlive from_pretrained
+    model = spec.build_model(ctx)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError(f"{settings.stage}: the model has no trainable parameters")
+    multiplier = functools.partial(
+        lr_multiplier, total_steps=settings.total_steps, schedule=settings.optim.schedule,
+        warmup_steps=warmup_steps(settings.total_steps, settings.optim.warmup_ratio))
+
+    def scheduler(optimizer: torch.optim.Optimizer) -> Any:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: multiplier(step))
+
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config,
+                                      lr_scheduler=scheduler)
+    return engine
+
+
+def release_hf_deepspeed_config(ctx: WorkerContext) -> None:
+    """Forget the ZeRO-3 HfDeepSpeedConfig, so later ``from_pretrained`` calls load normally."""
+    if ctx.hf_deepspeed_config is not None:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        ctx.hf_deepspeed_config = None
+
+
+# -- one step --------------------------------------------------------------------------------------
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the RNG for (step, rank): dropout masks do not depend on the history."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def train_step(ctx: WorkerContext, engine: Any, spec: StageSpec,
+               batch: StepBatch) -> dict[str, float]:
+    """Backward of the global loss (gradient cache or plain) and one optimizer step."""
+    from pipeline.train.grad_cache import full_batch_backward, grad_cache_backward
+
+    start = time.perf_counter()
+    lr = float(engine.get_lr()[0])
+    embed = functools.partial(spec.embed, engine)
+    if ctx.settings.train.grad_cache_chunk_size > 0:
+        loss = grad_cache_backward(engine, batch.chunks, embed, batch.loss_fn,
+                                   reduce_once=ctx.settings.train.grad_cache_reduce_once)
+    else:
+        if len(batch.chunks) != 1:
+            raise ValueError("without the gradient cache a step must be one chunk")
+        loss = full_batch_backward(engine, batch.chunks[0], embed, batch.loss_fn)
+    engine.step()
+    grad_norm = engine.get_global_grad_norm()
+    counts = torch.tensor([batch.num_samples, batch.num_tokens], dtype=torch.float64,
+                          device=ctx.device)  # (2,)
+    if ctx.world_size > 1:
+        torch.distributed.all_reduce(counts)
+    seconds = time.perf_counter() - start
+    return {"loss": float(loss), "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "samples_per_s": float(counts[0]) / seconds,
+            "tokens_per_s": float(counts[1]) / seconds, "step_s": seconds}
+
+
+def chunk_rows(items: list[Any], chunk_size: int) -> list[list[Any]]:
+    """``items`` in chunks of ``chunk_size`` (0 = one chunk: the plain full-batch path)."""
+    if chunk_size <= 0:
+        return [items]
+    return [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
+
+
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """``cat`` of ``x`` over ranks in rank order, without autograd (e.g. teacher vectors)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    shards = [torch.empty_like(x) for _ in range(dist.get_world_size())]  # W x (n, ...)
+    dist.all_gather(shards, x.contiguous())
+    return torch.cat(shards)  # (W * n, ...)
+
+
+def _all_gather_int(value: int, ctx: WorkerContext) -> list[int]:
+    if ctx.world_size == 1:
+        return [value]
+    local = torch.tensor([value], dtype=torch.int64, device=ctx.device)
+    shards = [torch.empty_like(local) for _ in range(ctx.world_size)]
+    torch.distributed.all_gather(shards, local)
+    return [int(s.item()) for s in shards]
+
+
+# -- the worker loop -----------------------------------------------------------------------------
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point on every worker: ``{"spec": StageSpec}``."""
+    import ray.train
+    import ray.train.torch
+
+    spec: StageSpec = loop_config["spec"]
+    settings = spec.settings
+    _setup_worker_logging(settings.log_level)
+    context = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(settings.train.cpus_per_worker)))
+    ctx = WorkerContext(settings=settings, rank=context.get_world_rank(),
+                        world_size=context.get_world_size(), device=device)
+    run_worker(ctx, spec, ray.train.get_dataset_shard(TRAIN_DATASET),
+               ray.train.get_checkpoint(), ray.train.report)
+
+
+def run_worker(ctx: WorkerContext, spec: StageSpec, shard: Any, checkpoint: Any,
+               report: Callable[..., None]) -> None:
+    """Train from the checkpoint (or from scratch) to ``stop_step``, then export."""
+    settings = ctx.settings
+    engine = build_engine(ctx, spec)
+    state = ckpt.TrainState(world_size=ctx.world_size)
+    if checkpoint is not None:
+        state = ckpt.load_checkpoint(engine, checkpoint, world_size=ctx.world_size)
+    frozen = ckpt.frozen_fingerprint(engine.module)
+    metrics = None
+    if ctx.is_rank_zero:
+        metrics = MetricsLogger(settings.stage_dir, name=settings.stage,
+                                total_steps=settings.stop_step, resume_step=state.step,
+                                log_every_steps=settings.train.log_every_steps,
+                                sample_unit=settings.sample_unit)
+        logger.info("%s: %d rows, %d steps/epoch x %d epochs = %d scheduled steps; this "
+                    "launch runs steps %d..%d on %d worker(s), %s, ZeRO-%d", settings.stage,
+                    len(settings.row_keys), settings.steps_per_epoch, settings.optim.epochs,
+                    settings.total_steps, state.step + 1, settings.stop_step, ctx.world_size,
+                    settings.precision, settings.train.zero_stage)
+    attempt_start, elapsed_before, resumed_from = time.perf_counter(), state.elapsed_s, state.step
+    spec.set_train_mode(engine.module)
+    while state.step < settings.stop_step:
+        state.epoch, start = divmod(state.step, settings.steps_per_epoch)
+        order = epoch_order(len(settings.row_keys), settings.train.seed, state.epoch)
+        batches, missing = _load_epoch_rows(ctx, spec, shard, order, start)
+        steps = steps_per_rank(_all_gather_int(len(batches), ctx))
+        if steps < settings.steps_per_epoch - start:
+            raise ValueError(f"{settings.stage}: input rows are missing from the dataset "
+                             f"(e.g. {spec.key_column}={missing!r}): it changed since the "
+                             "driver listed its keys")
+        for rows in batches:
+            if state.step >= settings.stop_step:
+                break
+            torch.manual_seed(step_seed(settings.train.seed, state.step, ctx.rank))
+            spec.check_frozen(engine.module)
+            stats = train_step(ctx, engine, spec, spec.make_step(ctx, engine.module, rows))
+            state.step += 1
+            state.loss = stats["loss"]
+            state.elapsed_s = elapsed_before + time.perf_counter() - attempt_start
+            row = {"step": state.step, "epoch": state.epoch, **stats,
+                   "elapsed_s": state.elapsed_s}
+            checkpoint_now = (state.step % settings.train.checkpoint_every_steps == 0
+                              or state.step == settings.stop_step)
+            if metrics is not None:
+                metrics.log(row)
+                if checkpoint_now or state.step % settings.train.log_every_steps == 0:
+                    metrics.flush()
+            if checkpoint_now:
+                ckpt.save_checkpoint(engine, state, rank=ctx.rank, report=report, metrics=row)
+    frozen_checked = ckpt.verify_frozen(engine.module, frozen)
+    export = spec.export(ctx, engine)
+    if metrics is not None:
+        metrics.close()
+        _write_summary(ctx, state, metrics.rows, frozen_checked,
+                       {"resumed_from_step": resumed_from, **export})
+
+
+def _write_summary(ctx: WorkerContext, state: ckpt.TrainState, rows: list[dict[str, Any]],
+                   frozen_checked: int, export: dict[str, Any]) -> None:
+    settings = ctx.settings
+    summary = {
+        "steps": state.step, "stop_step": settings.stop_step,
+        "total_steps": settings.total_steps, "steps_per_epoch": settings.steps_per_epoch,
+        "epochs_started": state.step // settings.steps_per_epoch
+        + bool(state.step % settings.steps_per_epoch),
+        "first_loss": rows[0]["loss"] if rows else None,
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "train_seconds": round(state.elapsed_s, 3), "world_size": ctx.world_size,
+        "precision": settings.precision, "zero_stage": settings.train.zero_stage,
+        "grad_cache_chunk_size": settings.train.grad_cache_chunk_size,
+        "frozen_params_checked": frozen_checked, "frozen_params_unchanged": True,
+        **export,
+    }
+    storage.write_json(storage.join(settings.stage_dir, SUMMARY_FILE), summary)
+
+
+def _setup_worker_logging(level: str) -> None:
+    root = logging.getLogger("pipeline")
+    root.setLevel(level)
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.propagate = False
+
+
+# -- the driver side -----------------------------------------------------------------------------
+def resolve_precision(precision: str, use_gpu: bool) -> str:
+    """``auto`` -> bf16 on GPU, fp32 on CPU; fp16/bf16 on CPU are refused."""
+    if precision == "auto":
+        return "bf16" if use_gpu else "fp32"
+    if precision in ("bf16", "fp16") and not use_gpu:
+        raise ValueError(f"train.precision={precision} needs GPUs; use fp32 (or auto) on CPU")
+    return precision
+
+
+def resolve_use_gpu(train: TrainConfig) -> bool:
+    """``train.use_gpu``, with ``auto`` = the Ray cluster has GPUs."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if train.use_gpu == "auto":
+        return gpus > 0
+    if train.use_gpu and not gpus:
+        logger.warning("train.use_gpu=true but the Ray cluster has no GPU now: the workers "
+                       "wait for an autoscaler to add GPU nodes")
+    return bool(train.use_gpu)
+
+
+def fit(spec: StageSpec, dataset: Any, config: Config) -> Any:
+    """Run the stage on Ray Train; returns the ``ray.train.Result``.
+
+    The run is ``RunConfig(name=<run name from the config hash>, storage_path=<stage
+    folder>/ray)``: a relaunch of the same config finds its checkpoints there and resumes.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    settings = spec.settings
+    train = settings.train
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if cpus < train.num_workers * train.cpus_per_worker + 1:
+        logger.warning("the Ray cluster has %.0f CPUs now; %d workers x %.1f CPUs plus one for "
+                       "Ray Data need more: the run waits until they are available",
+                       cpus, train.num_workers, train.cpus_per_worker)
+    fs, path = storage.resolve(storage.join(settings.stage_dir, "ray"))
+    run_config = ray.train.RunConfig(
+        name=config.run_name, storage_path=path, storage_filesystem=fs,
+        failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.checkpoints_to_keep))
+    scaling = ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=settings.use_gpu,
+                                      resources_per_worker={"CPU": train.cpus_per_worker})
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config={"spec": spec},
+                           scaling_config=scaling, run_config=run_config,
+                           datasets={TRAIN_DATASET: dataset},
+                           dataset_config=ray.train.DataConfig(datasets_to_split=[]))
+    start = time.perf_counter()
+    result = trainer.fit()
+    logger.info("%s: Ray Train run %s finished in %.1f s", settings.stage, config.run_name,
+                time.perf_counter() - start)
+    return result
+
+
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a local path made absolute (workers may run in another folder)."""
+    return uri if storage.is_s3(uri) else os.path.abspath(uri)

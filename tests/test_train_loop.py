@@ -1,0 +1,285 @@
+"""The training loop's pure parts: LR schedule, data order and equal steps per rank, frozen
+guards, metrics files, stage-1 row decoding, config checks, similarity agreement."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from pipeline.config import ConfigError, load_config
+from pipeline.models.teacher_embed import group_table
+from pipeline.train import loop
+from pipeline.train.checkpoint import FrozenParameterError, frozen_fingerprint, verify_frozen
+from pipeline.train.metrics import MetricsLogger, read_metrics
+from pipeline.train.stage1 import (
+    _average_ranks,
+    check_config,
+    decode_groups,
+    groups_used,
+    similarity_agreement,
+)
+
+
+# -- LR schedule -----------------------------------------------------------------------------------
+def multipliers(schedule: str, total: int = 10, warmup: int = 2) -> list[float]:
+    return [loop.lr_multiplier(s, warmup_steps=warmup, total_steps=total, schedule=schedule)
+            for s in range(total)]
+
+
+def test_linear_schedule_hand_computed() -> None:
+    # 2 warm-up steps (1/2, 2/2), then 8 decay steps: 1 - k/8 for k = 0..7.
+    expected = [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+    assert multipliers("linear") == pytest.approx(expected)
+
+
+def test_cosine_and_constant_schedules_hand_computed() -> None:
+    cosine = multipliers("cosine")
+    assert cosine[:3] == pytest.approx([0.5, 1.0, 1.0])
+    assert cosine[4] == pytest.approx((1 + math.cos(math.pi / 4)) / 2)  # progress 2/8
+    assert cosine[6] == pytest.approx(0.5)                              # progress 4/8
+    assert cosine[9] == pytest.approx((1 + math.cos(math.pi * 7 / 8)) / 2)
+    assert multipliers("constant") == pytest.approx([0.5] + [1.0] * 9)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        multipliers("step")
+
+
+def test_warmup_steps_round_up() -> None:
+    assert loop.warmup_steps(711, 0.05) == 36      # the paper's 2 epochs, ceil(35.55)
+    assert loop.warmup_steps(30, 0.1) == 3         # 0.1 * 30 = 3.0000000000000004
+    assert loop.warmup_steps(15, 0.1) == 2
+    assert loop.warmup_steps(10, 0.0) == 0
+    assert multipliers("linear", total=4, warmup=0) == pytest.approx([1, 0.75, 0.5, 0.25])
+
+
+# -- data order and steps per rank ---------------------------------------------------------------
+def test_steps_per_epoch_and_errors() -> None:
+    assert loop.steps_per_epoch(40, 8, 2) == 5
+    assert loop.steps_per_epoch(1000, 32, 2) == 31   # 8 groups dropped (drop last)
+    with pytest.raises(ValueError, match="multiple of train.num_workers"):
+        loop.steps_per_epoch(40, 9, 2)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        loop.steps_per_epoch(7, 8, 2)
+
+
+def test_unequal_steps_across_ranks_fail_fast() -> None:
+    assert loop.steps_per_rank([5, 5, 5]) == 5
+    with pytest.raises(loop.StepMismatchError, match=r"rank 0: 5, rank 1: 4.*hang"):
+        loop.steps_per_rank([5, 4])
+
+
+def test_epoch_order_is_seeded_and_global_batches_do_not_depend_on_workers() -> None:
+    order = loop.epoch_order(40, seed=0, epoch=1)
+    np.testing.assert_array_equal(order, loop.epoch_order(40, seed=0, epoch=1))
+    assert not np.array_equal(order, loop.epoch_order(40, seed=0, epoch=2))
+    assert not np.array_equal(order, loop.epoch_order(40, seed=1, epoch=1))
+    assert sorted(order) == list(range(40))
+    for step in range(5):
+        one = loop.local_positions(order, step, 0, global_batch_rows=8, world_size=1)
+        two = [loop.local_positions(order, step, r, global_batch_rows=8, world_size=2)
+               for r in range(2)]
+        four = [loop.local_positions(order, step, r, global_batch_rows=8, world_size=4)
+                for r in range(4)]
+        np.testing.assert_array_equal(np.concatenate(two), one)   # rank order = batch order
+        np.testing.assert_array_equal(np.concatenate(four), one)
+        np.testing.assert_array_equal(one, order[step * 8:(step + 1) * 8])
+
+
+class FakeShard:
+    def __init__(self, tables: list[pa.Table]) -> None:
+        self.tables = tables
+
+    def iter_batches(self, **kwargs) -> list[pa.Table]:
+        return self.tables
+
+
+def fake_ctx(keys: list[str], rank: int) -> loop.WorkerContext:
+    settings = SimpleNamespace(row_keys=tuple(keys), steps_per_epoch=2, global_batch_rows=4)
+    return loop.WorkerContext(settings=settings, rank=rank, world_size=2,  # type: ignore[arg-type]
+                              device=torch.device("cpu"))
+
+
+def test_epoch_rows_are_this_ranks_slices_and_missing_rows_are_named() -> None:
+    keys = [f"k{i}" for i in range(8)]
+    spec = SimpleNamespace(key_column="id",
+                           decode_rows=lambda t: {k: k.upper() for k in t["id"].to_pylist()})
+    table = pa.table({"id": keys[::-1]})  # stream order does not matter
+    order = loop.epoch_order(8, seed=0, epoch=0)
+    batches, missing = loop._load_epoch_rows(fake_ctx(keys, 1), spec, FakeShard([table]),
+                                             order, start=0)
+    assert missing is None
+    assert batches == [[keys[p].upper() for p in order[2:4]], [keys[p].upper() for p in order[6:8]]]
+    resumed, _ = loop._load_epoch_rows(fake_ctx(keys, 1), spec, FakeShard([table]), order, 1)
+    assert resumed == batches[1:]
+    gone = keys[order[6]]
+    partial, missing = loop._load_epoch_rows(fake_ctx(keys, 1), spec,
+                                             FakeShard([table.filter(pa.array(
+                                                 [k != gone for k in keys[::-1]]))]), order, 0)
+    assert partial == batches[:1] and missing == gone
+    with pytest.raises(ValueError, match="duplicate id"):
+        loop._load_epoch_rows(fake_ctx(keys, 1), spec, FakeShard([table, table]), order, 0)
+
+
+def test_groups_used_counts_distinct_groups() -> None:
+    settings = SimpleNamespace(steps_per_epoch=3, global_batch_rows=4,
+                               train=SimpleNamespace(seed=0))
+    assert groups_used(13, settings, 2) == 8      # first epoch: all distinct
+    assert groups_used(13, settings, 3) == 12     # one group dropped by drop-last
+    assert 12 <= groups_used(13, settings, 6) <= 13
+
+
+# -- frozen guards ---------------------------------------------------------------------------------
+def test_frozen_fingerprint_detects_one_ulp() -> None:
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    module[0].requires_grad_(False)
+    before = frozen_fingerprint(module)
+    assert set(before) == {"0.weight", "0.bias"}
+    with torch.no_grad():
+        module[1].weight.add_(1.0)  # trainable: allowed to change
+    assert verify_frozen(module, before) == 2
+    with torch.no_grad():
+        module[0].weight[0, 0] = torch.nextafter(module[0].weight[0, 0], torch.tensor(9.0))
+    with pytest.raises(FrozenParameterError, match="0.weight"):
+        verify_frozen(module, before)
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+def row(step: int) -> dict:
+    return {"step": step, "epoch": 0, "loss": 10.0 / step, "lr": 1e-3, "grad_norm": 1.0,
+            "samples_per_s": 100.0, "tokens_per_s": 1000.0, "step_s": 0.1,
+            "elapsed_s": 0.1 * step}
+
+
+def test_metrics_files_and_resume(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    stage = str(tmp_path / "stage")
+    metrics = MetricsLogger(stage, name="stage1", total_steps=4, log_every_steps=2,
+                            sample_unit="texts")
+    with caplog.at_level("INFO", logger="pipeline.train.metrics"):
+        for step in (1, 2, 3):
+            metrics.log(row(step))
+    metrics.close()
+    assert [r["step"] for r in read_metrics(stage)] == [1, 2, 3]
+    assert (tmp_path / "stage" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((tmp_path / "stage" / "tensorboard").glob("events.out.tfevents.*"))
+    lines = [r.message for r in caplog.records]
+    assert len(lines) == 2 and lines[1].startswith("stage1 step 2/4 (epoch 1) | loss 5.0000")
+    assert "100 texts/s" in lines[1] and "eta" in lines[1]
+
+    resumed = MetricsLogger(stage, name="stage1", total_steps=4, log_every_steps=2,
+                            resume_step=2)
+    assert [r["step"] for r in resumed.rows] == [1, 2]  # step 3 is trained again
+    resumed.log(row(3))
+    resumed.close()
+    assert [r["step"] for r in read_metrics(stage)] == [1, 2, 3]
+
+
+# -- stage 1 -------------------------------------------------------------------------------------
+def test_decode_groups_round_trips_teacher_rows() -> None:
+    emb = np.random.default_rng(0).standard_normal((6, 5)).astype(np.float32)
+    table = group_table(["a", "b"], [["a0", "a1", "a2"], ["b0", "b1", "b2"]], emb, 5)
+    groups = decode_groups(table.slice(1), texts_per_group=3)  # a sliced batch keeps offsets
+    assert list(groups) == ["b"] and groups["b"].texts == ("b0", "b1", "b2")
+    np.testing.assert_array_equal(groups["b"].teacher_emb, emb[3:].astype(np.float16))
+    with pytest.raises(ValueError, match="every group must have 2"):
+        decode_groups(table, texts_per_group=2)
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["stage1.global_batch_groups=9", "train.num_workers=2"],
+     r"stage1.global_batch_groups=9 is not a multiple of train.num_workers=2"),
+    (["model.path=tiny:phi3_v"], r"model.path=tiny:phi3_v: tiny models exist for"),
+    (["model.path=tiny:qwen2_vl", "model.family=llava_next"], r"contradicts model.path"),
+    (["model.path=/x", "model.family=phi3_v"], r"model.trust_remote_code: .*phi3_v"),
+    (["train.grad_cache_chunk_size=4", "train.zero_stage=0"], r"needs train.zero_stage >= 1"),
+])
+def test_config_errors_name_the_key(overrides: list[str], pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        check_config(load_config(None, overrides))
+
+
+def test_config_fits_the_data() -> None:
+    config = load_config(None, ["stage1.global_batch_groups=64"])
+    check_config(config, num_groups=64)
+    with pytest.raises(ConfigError, match="larger than the 63 text groups"):
+        check_config(config, num_groups=63)
+
+
+def test_precision_resolution() -> None:
+    assert loop.resolve_precision("auto", use_gpu=False) == "fp32"
+    assert loop.resolve_precision("auto", use_gpu=True) == "bf16"
+    with pytest.raises(ValueError, match="needs GPUs"):
+        loop.resolve_precision("bf16", use_gpu=False)
+
+
+def test_model_family_choices_match_the_registry() -> None:
+    import typing
+
+    from pipeline.config import ModelConfig
+    from pipeline.models import known_families
+
+    allowed = typing.get_args(typing.get_type_hints(ModelConfig)["family"])
+    assert set(allowed) == {"", *known_families()}
+
+
+# -- similarity agreement --------------------------------------------------------------------------
+def test_similarity_agreement() -> None:
+    rng = np.random.default_rng(0)
+    teacher = rng.standard_normal((30, 16))
+    rotated = teacher @ np.linalg.qr(rng.standard_normal((16, 16)))[0]  # same cosines
+    assert similarity_agreement(rotated * 3.0, teacher) == pytest.approx(1.0)
+    assert abs(similarity_agreement(rng.standard_normal((30, 8)), teacher)) < 0.2
+    np.testing.assert_allclose(_average_ranks(np.array([3.0, 1.0, 3.0, 2.0])), [2.5, 0, 2.5, 1])
+    # By hand: 3 texts, 3 pairs (0,1), (0,2), (1,2). Teacher at angles 0, 10, 90 degrees:
+    # cosines .985, 0, .174 -> ranks 2, 0, 1. Student at 0, 90, 100: 0, -.174, .985 -> 1, 0, 2.
+    # Pearson of the ranks: deviations (1, -1, 0) and (0, -1, 1) -> 1 / sqrt(2 * 2) = 0.5.
+    def at(degrees: list[float]) -> np.ndarray:
+        radians = np.radians(degrees)
+        return np.stack([np.cos(radians), np.sin(radians)], axis=1)
+
+    assert similarity_agreement(at([0, 90, 100]), at([0, 10, 90])) == pytest.approx(0.5)
+
+
+def test_stage1_job_rejects_a_bad_config_before_starting_ray() -> None:
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "jobs/stage1.py", "--config", "jobs/configs/demo.yaml",
+                           "stage1.global_batch_groups=33"], cwd=repo, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    assert "stage1.global_batch_groups=33 is not a multiple of train.num_workers=2" in done.stderr
+    assert "starting local Ray" not in done.stderr
+
+
+def test_stage1_keeps_the_vision_tower_frozen_and_in_eval_mode(tmp_path) -> None:
+    from pipeline.models import build_tiny_model, resolve_path
+    from pipeline.train.stage1 import Stage1Spec, StudentSource
+
+    path = build_tiny_model("llava_next", tmp_path / "tiny", vocab_texts=["a red circle"])
+    config = load_config(None, ["stage1.lora_rank=2"])
+    settings = loop.LoopSettings(stage="stage1", stage_dir=str(tmp_path), train=config.train,
+                                 optim=None, global_batch_rows=2, row_keys=("a", "b"),  # type: ignore[arg-type]
+                                 precision="fp32", use_gpu=False)
+    spec = Stage1Spec(settings, student=StudentSource(path, "", False), config=config,
+                      texts_per_group=3, probe_texts=[])
+    model = spec.load_student(dtype=torch.float32, device="cpu")
+    again = spec.load_student(dtype=torch.float32, device="cpu")
+    for (name, a), (_, b) in zip(model.named_parameters(), again.named_parameters(), strict=True):
+        assert torch.equal(a, b), f"{name}: LoRA init must depend on the seed only"
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and ".language_model." in n for n in trainable)
+    spec.set_train_mode(model)
+    spec.check_frozen(model)
+    assert resolve_path(model.model, "model.language_model").training
+    model.train()  # e.g. engine.train() without the stage's train mode
+    with pytest.raises(FrozenParameterError, match="model.vision_tower is in train mode"):
+        spec.check_frozen(model)
+    spec.set_train_mode(model)
+    next(resolve_path(model.model, "model.multi_modal_projector").parameters()).requires_grad_()
+    with pytest.raises(FrozenParameterError, match="vision tower or projector trains"):
+        spec.check_frozen(model)
