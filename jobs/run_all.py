@@ -14,7 +14,9 @@ import time
 import _bootstrap  # noqa: F401  (makes `pipeline` importable from a plain checkout)
 
 from pipeline.cli import parse_config
+from pipeline import mine_negatives
 from pipeline.data import prepare
+from pipeline.eval import evaluate
 from pipeline.models import teacher_embed
 from pipeline.ray_utils import init_ray
 from pipeline.train import stage1
@@ -22,7 +24,7 @@ from pipeline.train import stage1
 logger = logging.getLogger("run_all")
 
 # Steps not built yet: run_all says so instead of pretending.
-NOT_YET_BUILT = ("mine_negatives", "stage2", "evaluate", "export")
+NOT_YET_BUILT = ("stage2", "export")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,6 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     print(teacher_embed.format_summary(manifest, config.step_dir(teacher_embed.STEP)))
     manifest = stage1.stage1(config)
     print(stage1.format_summary(manifest, config.step_dir(stage1.STEP)))
+    manifest = mine_negatives.mine_negatives(config)
+    print(mine_negatives.format_summary(manifest, config.step_dir(mine_negatives.STEP)))
+    manifest = evaluate.evaluate(config)
+    print(evaluate.format_summary(manifest, config.step_dir(evaluate.STEP)))
     print(f"\nrun {config.run_name}: finished in {time.perf_counter() - start:.1f} s; "
           f"outputs under {config.run_root}/")
     print("steps not built yet (skipped): " + ", ".join(NOT_YET_BUILT))

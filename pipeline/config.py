@@ -444,9 +444,7 @@ def _check_scalar(hint: type, value: Any, key: str, meta: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
     elif hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        value = float(value)
+        value = _as_float(value, key)
     elif hint is str:
         if isinstance(value, bool) or value is None or isinstance(value, dict | list):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -459,6 +457,18 @@ def _check_scalar(hint: type, value: Any, key: str, meta: Any) -> Any:
     if high is not None and value > high:
         raise ConfigError(f"{key}: {value!r} is above the maximum {high}")
     return value
+
+
+def _as_float(value: Any, key: str) -> float:
+    """A number; also numeric strings such as '1e-3', which YAML 1.1 reads as text."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    return float(value)
 
 
 def _hashed_dict(obj: Any) -> dict[str, Any]:

@@ -25,6 +25,14 @@ def test_yaml_and_overrides_are_typed():
     assert config.data.demo.num_nli_groups == 1000  # from the YAML, untouched
 
 
+def test_float_knobs_accept_yaml_1_1_exponents():
+    # PyYAML reads "1e-3" (no dot) as a string; float knobs take it as the number it is.
+    config = load_config(DEMO, ["stage1.lr=1e-3", "mining.fn_ratio=9.5e-1"])
+    assert config.stage1.lr == 1e-3 and config.mining.fn_ratio == 0.95
+    with pytest.raises(ConfigError, match="stage1.lr: expected a number, got 'fast'"):
+        load_config(DEMO, ["stage1.lr=fast"])
+
+
 def test_frozen():
     config = load_config(DEMO)
     with pytest.raises(dataclasses.FrozenInstanceError):
