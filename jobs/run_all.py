@@ -13,8 +13,8 @@ import time
 
 import _bootstrap  # noqa: F401  (makes `pipeline` importable from a plain checkout)
 
-from pipeline.cli import parse_config
 from pipeline import mine_negatives
+from pipeline.cli import parse_config
 from pipeline.data import prepare
 from pipeline.eval import evaluate
 from pipeline.models import teacher_embed
