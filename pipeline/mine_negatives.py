@@ -35,7 +35,7 @@ from pipeline.config import Config, MiningConfig
 from pipeline.data.schemas import MINED, PAIRS, embeddings_schema
 from pipeline.mining import select_negatives
 from pipeline.ray_utils import actor_pool_resources
-from pipeline.sharded import ShardedOutput, run_shard_tasks
+from pipeline.sharded import ShardedOutput, complete_input, run_shard_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -344,8 +344,7 @@ def mine_negatives(config: Config) -> dict[str, Any]:
         logger.info("mine_negatives: complete already at %s", folder)
         return storage.require_complete(folder)
     input_folder = storage.join(config.run_root, *INPUT_TABLE.split("/"))
-    inputs = storage.require_complete(input_folder)
-    shards = storage.shard_uris(input_folder)
+    inputs, shards = complete_input(input_folder)
     path = miner_path(config)
     if not storage.exists(path):
         raise FileNotFoundError(f"miner model not found: {path} (mining.miner="

@@ -106,6 +106,19 @@ class ShardedOutput:
         return storage.write_manifest(self.folder, manifest)
 
 
+def complete_input(folder: str) -> tuple[dict[str, Any], list[str]]:
+    """(manifest, shard URIs) of a finished job output that a later step reads.
+
+    Refuses an incomplete folder (no manifest) and one whose shard files do not match
+    the count its manifest recorded."""
+    manifest = storage.require_complete(folder)
+    shards = storage.shard_uris(folder)
+    if "num_shards" in manifest and len(shards) != manifest["num_shards"]:
+        raise storage.StorageError(f"{folder}: manifest lists {manifest['num_shards']} shards "
+                                   f"but {len(shards)} are present")
+    return manifest, shards
+
+
 def _num_rows(uri: str) -> int:
     fs, path = storage.resolve(uri)
     with fs.open_input_file(path) as f:

@@ -25,7 +25,7 @@ from pipeline import storage
 from pipeline.config import Config, TeacherConfig
 from pipeline.data.schemas import teacher_schema
 from pipeline.ray_utils import actor_pool_resources
-from pipeline.sharded import ShardedOutput, run_shard_tasks
+from pipeline.sharded import ShardedOutput, complete_input, run_shard_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +116,7 @@ def teacher_embed(config: Config) -> dict[str, Any]:
         logger.info("teacher_embed: complete already at %s", folder)
         return storage.require_complete(folder)
     input_folder = storage.join(config.run_root, *INPUT_TABLE.split("/"))
-    inputs = storage.require_complete(input_folder)
-    shards = storage.shard_uris(input_folder)
-    if len(shards) != inputs["num_shards"]:
-        raise storage.StorageError(f"{input_folder}: manifest lists {inputs['num_shards']} "
-                                   f"shards but {len(shards)} are present")
+    inputs, shards = complete_input(input_folder)
     actors, cpus, gpus = actor_pool_resources(config.teacher.num_actors,
                                               config.teacher.cpus_per_actor)
     kwargs = {"teacher": teacher_kwargs(config.teacher), "batch_size": config.teacher.batch_size,
