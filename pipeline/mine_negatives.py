@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.config import Config, MiningConfig
-from pipeline.data.schemas import MINED, PAIRS, embeddings_schema
+from pipeline.data.schemas import MINED, PAIRS, embeddings_schema, vector_array, vectors_numpy
 from pipeline.mining import select_negatives
 from pipeline.ray_utils import actor_pool_resources
 from pipeline.sharded import ShardedOutput, complete_input, run_shard_tasks
@@ -122,7 +122,7 @@ class EmbedWorker:
             "dataset": [rows[i]["dataset"] for _, i in kept],
             "key": [rows[i]["id"] if k == "query" else rows[i]["pos_key"] for k, i in kept],
             "row": pa.array([i for _, i in kept], pa.int32()),
-            "emb": _vectors(emb[keep], self.embedder.embedding_dim()),
+            "emb": vector_array(emb[keep].reshape(len(keep), self.embedder.embedding_dim())),
         }, schema=self.output.schema)
         reject_rows = [_reject(rows[i], task.pairs_uri, i, *why) for i, why in
                        sorted(rejects.items())]
@@ -148,12 +148,6 @@ def check_pair(row: dict[str, Any]) -> tuple[str, str, str] | None:
     return None
 
 
-def _vectors(emb: np.ndarray, dim: int) -> pa.Array:
-    """(M, D) float32 -> fixed-size float16 lists (also for M = 0)."""
-    flat = pa.array(emb.astype(np.float16).reshape(-1), type=pa.float16())  # (M * D,)
-    return pa.FixedSizeListArray.from_arrays(flat, dim)
-
-
 def _reject(row: dict[str, Any], uri: str, position: int, reason: str, field: str,
             detail: str) -> dict[str, Any]:
     payload = {k: v for k, v in row.items() if not isinstance(v, bytes | list)}
@@ -175,7 +169,7 @@ def load_targets(embeddings_folder: str, scope: str) -> TargetIndex:
         if not mask.any():
             continue
         shard = storage.shard_index(uri)
-        vectors = np.asarray(table.column("emb").to_pylist(), dtype=np.float32)[mask]
+        vectors = vectors_numpy(table.column("emb"))[mask]
         emb.append(vectors)
         groups += [d for d, m in zip(table.column("dataset").to_pylist(), mask, strict=True) if m]
         keys += [k for k, m in zip(table.column("key").to_pylist(), mask, strict=True) if m]
@@ -202,7 +196,7 @@ def search_shard(task: SearchTask) -> dict[str, Any]:
     embedded = storage.read_table(task.embeddings_uri)
     queries = [i for i, k in enumerate(embedded.column("kind").to_pylist()) if k == "query"]
     q_rows = np.asarray(embedded.column("row").to_pylist(), dtype=np.int64)[queries]
-    q_emb = np.asarray(embedded.column("emb").to_pylist(), dtype=np.float32)[queries]
+    q_emb = vectors_numpy(embedded.column("emb"))[queries]
     q_emb /= np.maximum(np.linalg.norm(q_emb, axis=1, keepdims=True), 1e-12)  # (Q, D)
     datasets = [pairs[r]["dataset"] for r in q_rows]
     pos_ids = np.asarray([targets.row_of.get((d, pairs[r]["pos_key"]), -1)

@@ -13,6 +13,7 @@ Conventions:
 """
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 IMAGE_PLACEHOLDER = "<|image_1|>"
@@ -125,3 +126,20 @@ TABLES = {
     "eval": EVAL_QUERIES,
     "eval_images": EVAL_IMAGES,
 }
+
+
+def vector_array(emb: np.ndarray, value_type: pa.DataType | None = None) -> pa.Array:
+    """(N, D) array -> N fixed-size lists of D values (float16 by default; N may be 0)."""
+    value_type = value_type or pa.float16()
+    flat = pa.array(np.ascontiguousarray(emb).reshape(-1).astype(value_type.to_pandas_dtype()),
+                    type=value_type)                                   # (N * D,)
+    return pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])       # (N, D)
+
+
+def vectors_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size-list vector column -> (N, D) float32, without Python objects."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    dim = column.type.list_size
+    flat = column.flatten().to_numpy(zero_copy_only=False)             # (N * D,)
+    return flat.astype(np.float32).reshape(-1, dim)                    # (N, D)

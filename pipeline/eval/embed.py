@@ -25,6 +25,7 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.data.images import ImageDecodeError, PackOptions, pack_image
+from pipeline.data.schemas import vector_array, vectors_numpy
 from pipeline.eval.sets import Item
 from pipeline.sharded import ShardedOutput, run_shard_tasks
 
@@ -153,7 +154,7 @@ class EmbedWorker:
         table = pa.Table.from_pydict({
             "item": pa.array(np.arange(task.first_item, task.first_item + len(task.items))),
             "error": [e for e, _ in errors], "detail": [d for _, d in errors],
-            "emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim),
+            "emb": vector_array(emb, pa.float32()),
         }, schema=embeddings_schema(dim))
         output = ShardedOutput(label_folder(self.folder, task.label), self.owner_hash,
                                table.schema)
@@ -223,9 +224,8 @@ def load_embedded(folder: str, num_items: int) -> Embedded:
         raise RuntimeError(f"{folder}: embedding shards hold {len(items)} items, expected "
                            f"each of {num_items} exactly once; delete the folder and rerun")
     dim = table.schema.field("emb").type.list_size
-    flat = table.column("emb").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     emb = np.empty((num_items, dim), dtype=np.float32)          # (N, D)
-    emb[items] = flat.reshape(-1, dim)
+    emb[items] = vectors_numpy(table.column("emb"))
     error = np.empty(num_items, dtype=object)
     detail = np.empty(num_items, dtype=object)
     error[items] = table.column("error").to_pylist()

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import Config, TeacherConfig
-from pipeline.data.schemas import teacher_schema
+from pipeline.data.schemas import teacher_schema, vector_array
 from pipeline.ray_utils import actor_pool_resources
 from pipeline.sharded import ShardedOutput, complete_input, run_shard_tasks
 
@@ -51,8 +51,7 @@ def group_table(ids: list[str], texts: list[list[str]], emb: np.ndarray,
     """``teacher`` rows from groups and their flat (sum of group sizes, D) vectors."""
     sizes = np.array([len(t) for t in texts], dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
-    flat = pa.array(emb.astype(np.float16).reshape(-1), type=pa.float16())  # (N * D,)
-    vectors = pa.FixedSizeListArray.from_arrays(flat, dim)                     # (N, D)
+    vectors = vector_array(emb.reshape(-1, dim))                                # (N, D)
     per_group = pa.ListArray.from_arrays(pa.array(offsets), vectors)
     return pa.Table.from_arrays([pa.array(ids, pa.string()),
                                  pa.array(texts, pa.list_(pa.string())), per_group],
