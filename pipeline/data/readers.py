@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,46 +152,46 @@ def read_nli_csv(uri: str) -> list[RawRow]:
             for i, (r, e) in enumerate(records)]
 
 
+def _dataset_records(uri: str, required: tuple[str, ...]
+                     ) -> Iterator[tuple[str, str, int, dict[str, Any], str | None]]:
+    """(file, dataset, row number, record, parse error) of every row of a folder of
+    per-dataset files (or one file), after checking each file's columns."""
+    for file_uri in list_record_files(uri):
+        records = read_records(file_uri)
+        _require_columns(file_uri, records, required)
+        dataset = _dataset_name(file_uri)
+        for i, (record, error) in enumerate(records):
+            yield file_uri, dataset, i, record or {}, error
+
+
 def read_mmeb_train(uri: str, image_root: str = "") -> list[RawRow]:
     """MMEB-train rows (a folder of per-dataset files, or one file) -> pair rows."""
+    root = _root_of(uri, image_root)
     rows: list[RawRow] = []
-    for file_uri in list_record_files(uri):
-        root = _root_of(uri, image_root)
-        dataset = _dataset_name(file_uri)
-        records = read_records(file_uri)
-        _require_columns(file_uri, records, MMEB_TRAIN_COLUMNS)
-        for i, (r, e) in enumerate(records):
-            r = r or {}
-            images = {"qry_image": _image_uri(root, r.get("qry_image_path")),
-                      "pos_image": _image_uri(root, r.get("pos_image_path")),
-                      "neg_image": _image_uri(root, r.get("neg_image_path"))}
-            texts = {"qry_text": r.get("qry"), "pos_text": r.get("pos_text"),
-                     "neg_text": r.get("neg_text", "")}
-            rows.append(RawRow(id=f"{dataset}:{i}", source=f"{file_uri}:{i + 1}", values=r,
-                               dataset=dataset, texts=texts, image_uris=images,
-                               parse_error=e))
+    for file_uri, dataset, i, r, e in _dataset_records(uri, MMEB_TRAIN_COLUMNS):
+        images = {"qry_image": _image_uri(root, r.get("qry_image_path")),
+                  "pos_image": _image_uri(root, r.get("pos_image_path")),
+                  "neg_image": _image_uri(root, r.get("neg_image_path"))}
+        texts = {"qry_text": r.get("qry"), "pos_text": r.get("pos_text"),
+                 "neg_text": r.get("neg_text", "")}
+        rows.append(RawRow(id=f"{dataset}:{i}", source=f"{file_uri}:{i + 1}", values=r,
+                           dataset=dataset, texts=texts, image_uris=images, parse_error=e))
     return rows
 
 
 def read_mmeb_eval(uri: str, image_root: str = "") -> list[RawRow]:
     """MMEB-eval rows -> eval rows (candidate 0 is the ground truth)."""
+    root = _root_of(uri, image_root)
     rows: list[RawRow] = []
-    for file_uri in list_record_files(uri):
-        root = _root_of(uri, image_root)
-        dataset = _dataset_name(file_uri)
-        records = read_records(file_uri)
-        _require_columns(file_uri, records, MMEB_EVAL_COLUMNS)
-        for i, (r, e) in enumerate(records):
-            r = r or {}
-            tgt_paths = r.get("tgt_img_path")
-            tgt_images = ([_image_uri(root, p) for p in tgt_paths]
-                          if isinstance(tgt_paths, list) else tgt_paths)
-            images = {"qry_image": _image_uri(root, r.get("qry_img_path")),
-                      "tgt_image": tgt_images}
-            texts = {"qry_text": r.get("qry_text"), "tgt_text": r.get("tgt_text")}
-            rows.append(RawRow(id=f"{dataset}:{i}", source=f"{file_uri}:{i + 1}", values=r,
-                               dataset=dataset, texts=texts, image_uris=images,
-                               parse_error=e))
+    for file_uri, dataset, i, r, e in _dataset_records(uri, MMEB_EVAL_COLUMNS):
+        tgt_paths = r.get("tgt_img_path")
+        tgt_images = ([_image_uri(root, p) for p in tgt_paths]
+                      if isinstance(tgt_paths, list) else tgt_paths)
+        images = {"qry_image": _image_uri(root, r.get("qry_img_path")),
+                  "tgt_image": tgt_images}
+        texts = {"qry_text": r.get("qry_text"), "tgt_text": r.get("tgt_text")}
+        rows.append(RawRow(id=f"{dataset}:{i}", source=f"{file_uri}:{i + 1}", values=r,
+                           dataset=dataset, texts=texts, image_uris=images, parse_error=e))
     return rows
 
 
