@@ -263,6 +263,70 @@ class Stage1Config:
 
 
 @dataclass(frozen=True)
+class Stage2Config:
+    """Stage 2: hard-negative enhanced instruction tuning (LoRA over the whole MLLM)."""
+
+    init: str = _knob("stage1", help="starting model: stage1 = <run_root>/stage1/model (the "
+                      "merged stage-1 model, the paper), student = model.path (stage 2 only), "
+                      "or an Embedder folder / s3:// prefix")
+    lora_rank: int = _knob(16, min=1, help="LoRA rank (paper: 16)")
+    lora_alpha: int = _knob(32, min=1, help="LoRA alpha (scale = alpha / rank); open")
+    lora_dropout: float = _knob(0.05, min=0.0, max=0.9, help="dropout on the LoRA input; open")
+    lora_vision: bool = _knob(True, help="LoRA on the vision tower and projector too (the "
+                              "paper: the whole MLLM); false = language model only, vision "
+                              "frozen")
+    lr: float = _knob(1e-4, min=1e-9, help="peak learning rate of AdamW (paper: 1e-4 "
+                      "Phi-3.5-V, 2e-5 LLaVA-1.6)")
+    warmup_ratio: float = _knob(0.05, min=0.0, max=1.0, help="share of the scheduled steps "
+                                "spent warming up linearly to lr (rounded up)")
+    schedule: Literal["linear", "cosine", "constant"] = _knob(
+        "linear", help="decay after warm-up, over all scheduled steps")
+    weight_decay: float = _knob(0.0, min=0.0, help="AdamW weight decay")
+    max_grad_norm: float = _knob(1.0, min=0.0, help="gradient clipping by global norm; 0 = off")
+    steps: int = _knob(1000, min=0, help="scheduled optimizer steps (paper: 1000); the pairs "
+                       "are visited epoch after epoch in a fresh order as long as needed; "
+                       "0 = stage2.epochs full passes")
+    epochs: int = _knob(1, min=1, help="passes over the pairs when stage2.steps = 0")
+    max_steps: int = _knob(0, min=0, hashed=False, help="stop after this many optimizer "
+                           "steps (0 = all scheduled). Not hashed and not part of the LR "
+                           "schedule: a run stopped early resumes on the same schedule")
+    global_batch_pairs: int = _knob(1024, min=2, help="query-positive pairs per optimizer "
+                                    "step over all workers (paper: 1024 with GradCache); a "
+                                    "multiple of train.num_workers")
+    negatives: Literal["both", "batch", "mined"] = _knob(
+        "both", help="hard-negative candidates of a query: the targets of the global batch "
+        "(batch, the paper), the row's mined and given negatives (mined), or both")
+    mode: Literal["hard_negative", "full_batch"] = _knob(
+        "hard_negative", help="hard_negative = UniME (filter + top-k); full_batch = the "
+        "VLM2Vec-style InfoNCE over every candidate (baseline for ablations)")
+    num_hard_negatives: int = _knob(8, min=1, help="k hard negatives per query (paper: 8)")
+    mined_negatives: int = _knob(8, min=0, help="mined negatives carried per row from the "
+                                 "mine_negatives table (the first ones, best first)")
+    given_negatives: int = _knob(1, min=0, help="negatives given by the data (MMEB-train "
+                                 "neg_text / neg_image) carried per row")
+    temperature: float = _knob(0.02, min=1e-4, help="softmax temperature tau (paper: 0.02)")
+    fn_margin: float | None = _knob(0.1, help="drop candidates with sim > pos_sim + margin "
+                                    "(UniME beta = 0.1); null = off")
+    fn_ratio: float | None = _knob(None, help="drop candidates with sim > ratio * pos_sim "
+                                   "(positive-aware, e.g. 0.95); null = off")
+    prompt_mode: Literal["instruction", "one_word", "raw"] = _knob(
+        "instruction", help="how query and target texts are wrapped (the paper: task "
+        "instructions, VLM2Vec style)")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The export step: a merged Hugging Face folder with a model card."""
+
+    source: str = _knob("stage2", help="model to export: stage2 / stage1 (<run_root>/<stage>"
+                        "/model) or an Embedder folder / s3:// prefix")
+    destination: str = _knob("", help="where the exported folder goes; '' = "
+                             "<run_root>/export/model")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _knob(
+        "auto", help="dtype of the exported weights; auto = as the source folder stores them")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """The evaluate step. Not part of the run's config hash (evaluating another way must not
     move or retrain the run): the step hashes these settings itself (``eval_hash``)."""
@@ -317,6 +381,9 @@ class Config:
     model: ModelConfig = _section(ModelConfig, help="the student MLLM")
     train: TrainConfig = _section(TrainConfig, help="Ray Train + DeepSpeed, both stages")
     stage1: Stage1Config = _section(Stage1Config, help="stage 1: textual distillation")
+    stage2: Stage2Config = _section(Stage2Config, help="stage 2: hard-negative instruction "
+                                    "tuning")
+    export: ExportConfig = _section(ExportConfig, help="the export step", hashed=False)
     eval: EvalConfig = _section(EvalConfig, help="the evaluate step", hashed=False)
 
     # -- derived ------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from pipeline.train.stage1 import (
     _average_ranks,
     check_config,
     decode_groups,
-    groups_used,
     similarity_agreement,
 )
 
@@ -123,12 +122,12 @@ def test_epoch_rows_are_this_ranks_slices_and_missing_rows_are_named() -> None:
         loop._load_epoch_rows(fake_ctx(keys, 1), spec, FakeShard([table, table]), order, 0)
 
 
-def test_groups_used_counts_distinct_groups() -> None:
+def test_rows_used_counts_distinct_rows() -> None:
     settings = SimpleNamespace(steps_per_epoch=3, global_batch_rows=4,
                                train=SimpleNamespace(seed=0))
-    assert groups_used(13, settings, 2) == 8      # first epoch: all distinct
-    assert groups_used(13, settings, 3) == 12     # one group dropped by drop-last
-    assert 12 <= groups_used(13, settings, 6) <= 13
+    assert loop.rows_used(13, settings, 2) == 8      # first epoch: all distinct
+    assert loop.rows_used(13, settings, 3) == 12     # one group dropped by drop-last
+    assert 12 <= loop.rows_used(13, settings, 6) <= 13
 
 
 # -- frozen guards ---------------------------------------------------------------------------------

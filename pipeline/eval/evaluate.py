@@ -317,11 +317,13 @@ def _reuse(folder: str, owner: str) -> dict[str, Any] | None:
     return manifest
 
 
-def evaluate(config: Config, models: dict[str, str] | None = None) -> dict[str, Any]:
+def evaluate(config: Config, models: dict[str, str] | None = None,
+             folder: str | None = None) -> dict[str, Any]:
     """Run the evaluate step for ``models`` (label -> folder or special value; default
-    ``eval.models``); return its manifest (reused as is when already complete)."""
+    ``eval.models``) into ``folder`` (default ``<run_root>/evaluate``); return its
+    manifest (reused as is when already complete)."""
     start = time.perf_counter()
-    folder = absolute(config.step_dir(STEP))
+    folder = absolute(folder or config.step_dir(STEP))
     owner = eval_hash(config) if models is None else hashlib.sha256(
         (eval_hash(config) + json.dumps(models, sort_keys=True)).encode()).hexdigest()
     if (done := _reuse(folder, owner)) is not None:

@@ -151,14 +151,20 @@ def gather_trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def export_lora_model(fresh: Any, trainable: dict[str, torch.Tensor], *, stage_dir: str,
                       dtype: torch.dtype, probe_texts: list[str], probe_emb: torch.Tensor,
-                      check_device: torch.device, min_cosine: float) -> dict[str, Any]:
+                      check_device: torch.device, min_cosine: float,
+                      probe_images: list[bytes | None] | None = None,
+                      probe_mode: str | None = None) -> dict[str, Any]:
     """Write ``<stage_dir>/adapter`` (PEFT) and ``<stage_dir>/model`` (merged HF folder).
 
     ``fresh`` is an ``Embedder`` loaded from the model source with the same LoRA layers
     attached (untrained); ``trainable`` its trained weights by parameter name. The merged
-    model must give ``probe_emb`` (the trained model's embeddings of ``probe_texts``) to
-    within ``min_cosine``, else :class:`ExportMismatchError`.
+    model must give ``probe_emb`` (the trained model's embeddings of ``probe_texts`` with
+    ``probe_images`` in prompt mode ``probe_mode``) to within ``min_cosine``, else
+    :class:`ExportMismatchError`. ``export_check.json`` records the probe (images as
+    base64) and the trained embeddings, so an exported copy can be checked again later.
     """
+    import base64
+
     expected = {name for name, p in fresh.named_parameters() if p.requires_grad}
     if expected != set(trainable):
         raise ExportMismatchError(f"trained and export models differ in trainable parameters: "
@@ -170,7 +176,8 @@ def export_lora_model(fresh: Any, trainable: dict[str, torch.Tensor], *, stage_d
         fresh.merge_lora()
         fresh.to(dtype)
         fresh.save_pretrained(model_local)
-        merged_emb = fresh.to(check_device).encode(probe_texts)  # (P, D)
+        merged_emb = fresh.to(check_device).encode(probe_texts, probe_images,
+                                                   mode=probe_mode)  # (P, D)
         cosine = (merged_emb * probe_emb).sum(-1)                    # (P,) unit rows
         min_seen = float(cosine.min())
         if min_seen < min_cosine:
@@ -178,8 +185,13 @@ def export_lora_model(fresh: Any, trainable: dict[str, torch.Tensor], *, stage_d
                                       f"model's: min cosine {min_seen:.6f} < {min_cosine}")
         adapter_uri = upload_folder(adapter_local, storage.join(stage_dir, ADAPTER_DIR))
         model_uri = upload_folder(model_local, storage.join(stage_dir, MODEL_DIR))
-    check = {"texts": probe_texts, "trained_emb": probe_emb.tolist(),
-             "min_cosine": min_seen, "threshold": min_cosine}
+    check: dict[str, Any] = {"texts": probe_texts, "trained_emb": probe_emb.tolist(),
+                             "min_cosine": min_seen, "threshold": min_cosine}
+    if probe_images is not None:
+        check["images"] = [None if image is None else base64.b64encode(image).decode()
+                           for image in probe_images]
+    if probe_mode is not None:
+        check["mode"] = probe_mode
     storage.write_json(storage.join(stage_dir, EXPORT_CHECK_FILE), check)
     logger.info("exported adapter to %s and merged %s model to %s (probe min cosine %.6f)",
                 adapter_uri, str(dtype).removeprefix("torch."), model_uri, min_seen)

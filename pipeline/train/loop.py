@@ -84,6 +84,7 @@ class OptimSettings:
     max_grad_norm: float
     epochs: int
     max_steps: int
+    scheduled_steps: int = 0  # the schedule's horizon; 0 = epochs x steps per epoch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +109,9 @@ class LoopSettings:
 
     @property
     def total_steps(self) -> int:
-        """The LR schedule's horizon: every epoch (``max_steps`` does not change it)."""
-        return self.optim.epochs * self.steps_per_epoch
+        """The LR schedule's horizon: ``scheduled_steps``, else every epoch (``max_steps``
+        does not change it). Steps past the end of an epoch start the next one."""
+        return self.optim.scheduled_steps or self.optim.epochs * self.steps_per_epoch
 
     @property
     def stop_step(self) -> int:
@@ -147,6 +149,7 @@ class StepBatch:
     loss_fn: Callable[[torch.Tensor], torch.Tensor]  # gathered (W * n_local, D) -> ()
     num_samples: int                              # local samples (rows embedded)
     num_tokens: int                               # local non-padding tokens
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # filled by loss_fn
 
 
 class StageSpec(Protocol):
@@ -368,7 +371,8 @@ def train_step(ctx: WorkerContext, engine: Any, spec: StageSpec,
     return {"loss": float(loss), "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "samples_per_s": float(counts[0]) / seconds,
-            "tokens_per_s": float(counts[1]) / seconds, "step_s": seconds}
+            "tokens_per_s": float(counts[1]) / seconds, "step_s": seconds,
+            **batch.metrics}
 
 
 def chunk_rows(items: list[Any], chunk_size: int) -> list[list[Any]]:
@@ -388,7 +392,8 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(shards)  # (W * n, ...)
 
 
-def _all_gather_int(value: int, ctx: WorkerContext) -> list[int]:
+def all_gather_ints(value: int, ctx: WorkerContext) -> list[int]:
+    """``value`` of every rank, in rank order."""
     if ctx.world_size == 1:
         return [value]
     local = torch.tensor([value], dtype=torch.int64, device=ctx.device)
@@ -431,18 +436,18 @@ def run_worker(ctx: WorkerContext, spec: StageSpec, shard: Any, checkpoint: Any,
                                 total_steps=settings.stop_step, resume_step=state.step,
                                 log_every_steps=settings.train.log_every_steps,
                                 sample_unit=settings.sample_unit)
-        logger.info("%s: %d rows, %d steps/epoch x %d epochs = %d scheduled steps; this "
-                    "launch runs steps %d..%d on %d worker(s), %s, ZeRO-%d", settings.stage,
-                    len(settings.row_keys), settings.steps_per_epoch, settings.optim.epochs,
-                    settings.total_steps, state.step + 1, settings.stop_step, ctx.world_size,
-                    settings.precision, settings.train.zero_stage)
+        logger.info("%s: %d rows, %d steps/epoch, %d scheduled steps; this launch runs "
+                    "steps %d..%d on %d worker(s), %s, ZeRO-%d", settings.stage,
+                    len(settings.row_keys), settings.steps_per_epoch, settings.total_steps,
+                    state.step + 1, settings.stop_step, ctx.world_size, settings.precision,
+                    settings.train.zero_stage)
     attempt_start, elapsed_before, resumed_from = time.perf_counter(), state.elapsed_s, state.step
     spec.set_train_mode(engine.module)
     while state.step < settings.stop_step:
         state.epoch, start = divmod(state.step, settings.steps_per_epoch)
         order = epoch_order(len(settings.row_keys), settings.train.seed, state.epoch)
         batches, missing = _load_epoch_rows(ctx, spec, shard, order, start)
-        steps = steps_per_rank(_all_gather_int(len(batches), ctx))
+        steps = steps_per_rank(all_gather_ints(len(batches), ctx))
         if steps < settings.steps_per_epoch - start:
             raise ValueError(f"{settings.stage}: input rows are missing from the dataset "
                              f"(e.g. {spec.key_column}={missing!r}): it changed since the "
@@ -559,6 +564,63 @@ def fit(spec: StageSpec, dataset: Any, config: Config) -> Any:
     logger.info("%s: Ray Train run %s finished in %.1f s", settings.stage, config.run_name,
                 time.perf_counter() - start)
     return result
+
+
+def optim_settings(knobs: dict[str, Any], *, scheduled_steps: int = 0) -> OptimSettings:
+    """The optimizer knobs of a stage's config section, given as
+    ``dataclasses.asdict(config.stage1)`` (or ``stage2``): the fields of
+    :class:`OptimSettings` are taken by name."""
+    names = [f.name for f in dataclasses.fields(OptimSettings) if f.name != "scheduled_steps"]
+    return OptimSettings(**{name: knobs[name] for name in names},
+                         scheduled_steps=scheduled_steps)
+
+
+def build_settings(config: Config, *, stage: str, folder: str, keys: tuple[str, ...],
+                   optim: OptimSettings, global_batch_rows: int,
+                   sample_unit: str) -> LoopSettings:
+    """A stage's loop settings (resolves GPU use and precision; errors name the key)."""
+    from pipeline.config import ConfigError
+
+    use_gpu = resolve_use_gpu(config.train)
+    try:
+        precision = resolve_precision(config.train.precision, use_gpu)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    return LoopSettings(stage=stage, stage_dir=absolute_uri(folder), train=config.train,
+                        optim=optim, global_batch_rows=global_batch_rows, row_keys=keys,
+                        precision=precision, use_gpu=use_gpu, log_level=config.log_level,
+                        sample_unit=sample_unit)
+
+
+def finished_run(config_hash: str, folder: str, target_steps: int,
+                 stage: str) -> dict[str, Any] | None:
+    """The manifest of a finished run with >= ``target_steps`` steps, else None (after
+    claiming the folder and removing the manifest of a shorter run, which then resumes)."""
+    import pyarrow as pa
+
+    from pipeline.sharded import ShardedOutput
+
+    manifest = storage.read_manifest(folder)
+    if (manifest is not None and manifest.get("config_hash") == config_hash
+            and manifest.get("steps", -1) >= target_steps):
+        logger.info("%s: complete already at %s (%d steps)", stage, folder, manifest["steps"])
+        return manifest
+    ShardedOutput(folder, config_hash, pa.schema([])).claim()
+    if manifest is not None:
+        logger.info("%s: %s has %d steps, %d requested: resuming", stage, folder,
+                    manifest.get("steps", 0), target_steps)
+        storage.delete(storage.join(folder, storage.MANIFEST_NAME))
+    return None
+
+
+def rows_used(num_rows: int, settings: LoopSettings, steps: int) -> int:
+    """Distinct input rows that entered at least one of the first ``steps`` steps."""
+    used = np.zeros(num_rows, dtype=bool)
+    per_epoch = settings.steps_per_epoch
+    for epoch in range(-(-steps // per_epoch)):
+        order = epoch_order(num_rows, settings.train.seed, epoch)
+        used[order[:min(per_epoch, steps - epoch * per_epoch) * settings.global_batch_rows]] = True
+    return int(used.sum())
 
 
 def absolute_uri(uri: str) -> str:

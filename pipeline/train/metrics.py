@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 TENSORBOARD_DIR = "tensorboard"
-SCALARS = ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s")
 
 
 class MetricsLogger:
@@ -63,9 +62,9 @@ class MetricsLogger:
         self.rows.append(row)
         self._steps_this_attempt += 1
         step = int(row["step"])
-        for key in SCALARS:
-            value = row.get(key)
-            if value is not None and math.isfinite(value):
+        for key, value in row.items():  # the loop's scalars and a stage's own (hn_*)
+            if (key not in ("step", "epoch") and isinstance(value, int | float)
+                    and math.isfinite(value)):
                 self.writer.add_scalar(f"{self.name}/{key}", value, step)
         if step == 1 or step % self.log_every_steps == 0 or step == self.total_steps:
             logger.info("%s", self.progress_line(row))
@@ -133,22 +132,31 @@ def read_metrics(stage_dir: str) -> list[dict[str, Any]]:
 
 
 def plot_curves(rows: list[dict[str, Any]], path: str, *, title: str) -> None:
-    """A 2x2 PNG: loss, learning rate, gradient norm, samples/s against the step."""
+    """A PNG of loss, learning rate, gradient norm and samples/s against the step; with
+    stage 2's hard-negative statistics also the positive / hard-negative cosines and the
+    share of queries that had a false negative dropped."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    panels: list[tuple[tuple[str, ...], str]] = [
+        (("loss",), "loss"), (("lr",), "learning rate"), (("grad_norm",), "gradient norm"),
+        (("samples_per_s",), "samples / s")]
+    if rows and "hn_mean_pos_sim" in rows[-1]:
+        panels += [(("hn_mean_pos_sim", "hn_mean_neg_sim"), "cosine: positive, hard negatives"),
+                   (("hn_false_negative_rate",), "queries with a false negative")]
     steps = [row["step"] for row in rows]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    panels = (("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "gradient norm"),
-              ("samples_per_s", "samples / s"))
-    for ax, (key, label) in zip(axes.flat, panels, strict=True):
-        values = [row.get(key) for row in rows]
-        points = [(s, v) for s, v in zip(steps, values, strict=True)
-                  if v is not None and math.isfinite(v)]
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="." if len(points) < 50 else None)
+    fig, axes = plt.subplots(len(panels) // 2, 2, figsize=(10, 3.5 * (len(panels) // 2)))
+    for ax, (keys, label) in zip(axes.flat, panels, strict=True):
+        for key in keys:
+            points = [(s, row[key]) for s, row in zip(steps, rows, strict=True)
+                      if row.get(key) is not None and math.isfinite(row[key])]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="." if len(points) < 50 else None,
+                        label=key.removeprefix("hn_"))
+        if len(keys) > 1:
+            ax.legend()
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

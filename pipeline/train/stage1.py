@@ -44,9 +44,9 @@ import torch
 
 from pipeline import storage
 from pipeline.config import Config, ConfigError
-from pipeline.sharded import ShardedOutput
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import loop
+from pipeline.train.lora import attach_lora, check_lora_only, train_mode
 
 logger = logging.getLogger(__name__)
 
@@ -106,26 +106,14 @@ class Stage1Spec:
     # -- model -------------------------------------------------------------------------------
     def load_student(self, *, dtype: torch.dtype, device: torch.device | str) -> Any:
         """The student with frozen vision parts and LoRA on the language model only."""
-        from peft import LoraConfig, get_peft_model
-
-        from pipeline.models import Embedder, freeze_vision, lora_target_regex
+        from pipeline.models import Embedder
 
         embedder = Embedder.from_pretrained(self.student.uri, family=self.student.family or None,
                                             trust_remote_code=self.student.trust_remote_code,
                                             dtype=dtype, device=device)
-        freeze_vision(embedder.model, embedder.spec)
-        lora = LoraConfig(r=self.stage1.lora_rank, lora_alpha=self.stage1.lora_alpha,
-                          lora_dropout=self.stage1.lora_dropout,
-                          target_modules=lora_target_regex(embedder.spec))
-        # LoRA init from the seed alone: identical on every rank and under every ZeRO stage
-        # (loading consumes the global RNG differently under ZeRO-3's zero.Init).
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.settings.train.seed)
-            embedder.model = get_peft_model(embedder.model, lora)
-        trainable = [n for n, p in embedder.named_parameters() if p.requires_grad]
-        if not trainable or any("lora_" not in name for name in trainable):
-            raise RuntimeError(f"LoRA must be the only trainable part, got {trainable[:5]}")
-        return embedder
+        return attach_lora(embedder, rank=self.stage1.lora_rank, alpha=self.stage1.lora_alpha,
+                           dropout=self.stage1.lora_dropout, include_vision=False,
+                           seed=self.settings.train.seed)
 
     def build_model(self, ctx: loop.WorkerContext) -> torch.nn.Module:
         embedder = self.load_student(dtype=ctx.dtype, device=ctx.device)
@@ -138,23 +126,10 @@ class Stage1Spec:
         return embedder
 
     def set_train_mode(self, module: torch.nn.Module) -> None:
-        from pipeline.models import resolve_path
-
-        module.train()
-        for path in module.spec.vision_paths:
-            part = resolve_path(module.model, path)
-            if isinstance(part, torch.nn.Module):
-                part.eval()
+        train_mode(module, vision_frozen=True)
 
     def check_frozen(self, module: torch.nn.Module) -> None:
-        from pipeline.models import resolve_path, vision_parameters
-
-        for path in module.spec.vision_paths:
-            part = resolve_path(module.model, path)
-            if isinstance(part, torch.nn.Module) and any(m.training for m in part.modules()):
-                raise ckpt.FrozenParameterError(f"stage 1: {path} is in train mode")
-        if any(p.requires_grad for p in vision_parameters(module.model, module.spec)):
-            raise ckpt.FrozenParameterError("stage 1: the vision tower or projector trains")
+        check_lora_only(module, vision_frozen=True, stage="stage 1")
 
     # -- data --------------------------------------------------------------------------------
     def decode_rows(self, table: pa.Table) -> dict[str, TextGroup]:
@@ -222,16 +197,22 @@ def decode_groups(table: pa.Table, texts_per_group: int) -> dict[str, TextGroup]
 # -- the driver ------------------------------------------------------------------------------------
 def check_config(config: Config, num_groups: int | None = None) -> None:
     """Fail before heavy work, naming the key."""
-    from pipeline.models.loading import check_remote_code
-    from pipeline.models.registry import get_backbone
-
-    stage1, train, model = config.stage1, config.train, config.model
+    stage1, train = config.stage1, config.train
     if stage1.global_batch_groups % train.num_workers:
         raise ConfigError(f"stage1.global_batch_groups={stage1.global_batch_groups} is not a "
                           f"multiple of train.num_workers={train.num_workers}")
     if num_groups is not None and num_groups < stage1.global_batch_groups:
         raise ConfigError(f"stage1.global_batch_groups={stage1.global_batch_groups} is larger "
                           f"than the {num_groups} text groups of the teacher step")
+    check_train_and_model(config)
+
+
+def check_train_and_model(config: Config) -> None:
+    """The checks both stages share: gradient-cache settings and the student model."""
+    from pipeline.models.loading import check_remote_code
+    from pipeline.models.registry import get_backbone
+
+    train, model = config.train, config.model
     if train.grad_cache_chunk_size and train.grad_cache_reduce_once and train.zero_stage == 0:
         raise ConfigError("train.grad_cache_reduce_once needs train.zero_stage >= 1")
     family = model.family
@@ -314,16 +295,6 @@ def stop_step(config: Config, num_groups: int) -> int:
     return min(config.stage1.max_steps, total) if config.stage1.max_steps else total
 
 
-def groups_used(num_groups: int, settings: loop.LoopSettings, steps: int) -> int:
-    """Distinct groups that entered at least one of the first ``steps`` steps."""
-    used = np.zeros(num_groups, dtype=bool)
-    per_epoch = settings.steps_per_epoch
-    for epoch in range(-(-steps // per_epoch)):
-        order = loop.epoch_order(num_groups, settings.train.seed, epoch)
-        used[order[:min(per_epoch, steps - epoch * per_epoch) * settings.global_batch_rows]] = True
-    return int(used.sum())
-
-
 def stage1(config: Config) -> dict[str, Any]:
     """Run stage 1 (or skip it when complete); returns its manifest."""
     import ray.data
@@ -335,7 +306,7 @@ def stage1(config: Config) -> dict[str, Any]:
     teacher_manifest = storage.require_complete(teacher_folder)
     num_groups = teacher_manifest["rows_out"]
     check_config(config, num_groups)
-    done = _complete_manifest(config, folder, stop_step(config, num_groups))
+    done = loop.finished_run(config.config_hash, folder, stop_step(config, num_groups), STEP)
     if done is not None:
         return done
     tables = read_teacher_tables(teacher_folder)
@@ -353,7 +324,7 @@ def stage1(config: Config) -> dict[str, Any]:
     del tables
     loop.fit(spec, dataset, config)
     summary = storage.read_json(storage.join(folder, loop.SUMMARY_FILE))
-    used = groups_used(num_groups, settings, summary["steps"])
+    used = loop.rows_used(num_groups, settings, summary["steps"])
     return storage.write_manifest(folder, {
         "rows_in": num_groups, "rows_out": num_groups, "rows_rejected": 0,
         "rejects_by_reason": {}, "groups_used": used, "groups_never_used": num_groups - used,
@@ -371,38 +342,12 @@ def stage1(config: Config) -> dict[str, Any]:
     })
 
 
-def _complete_manifest(config: Config, folder: str, target_steps: int) -> dict[str, Any] | None:
-    """The manifest of a finished run with >= ``target_steps`` steps, else None (after
-    claiming the folder and removing the manifest of a shorter run, which then resumes)."""
-    manifest = storage.read_manifest(folder)
-    if (manifest is not None and manifest.get("config_hash") == config.config_hash
-            and manifest.get("steps", -1) >= target_steps):
-        logger.info("stage1: complete already at %s (%d steps)", folder, manifest["steps"])
-        return manifest
-    ShardedOutput(folder, config.config_hash, pa.schema([])).claim()
-    if manifest is not None:
-        logger.info("stage1: %s has %d steps, %d requested: resuming", folder,
-                    manifest.get("steps", 0), target_steps)
-        storage.delete(storage.join(folder, storage.MANIFEST_NAME))
-    return None
-
-
 def loop_settings(config: Config, folder: str, keys: tuple[str, ...]) -> loop.LoopSettings:
     """The training loop's settings for stage 1 (resolves GPU use and precision)."""
-    use_gpu = loop.resolve_use_gpu(config.train)
-    try:
-        precision = loop.resolve_precision(config.train.precision, use_gpu)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-    stage1 = config.stage1
-    optim = loop.OptimSettings(lr=stage1.lr, warmup_ratio=stage1.warmup_ratio,
-                               schedule=stage1.schedule, weight_decay=stage1.weight_decay,
-                               max_grad_norm=stage1.max_grad_norm, epochs=stage1.epochs,
-                               max_steps=stage1.max_steps)
-    return loop.LoopSettings(stage=STEP, stage_dir=loop.absolute_uri(folder), train=config.train,
-                             optim=optim, global_batch_rows=stage1.global_batch_groups,
-                             row_keys=keys, precision=precision, use_gpu=use_gpu,
-                             log_level=config.log_level, sample_unit="texts")
+    return loop.build_settings(config, stage=STEP, folder=folder, keys=keys,
+                               optim=loop.optim_settings(dataclasses.asdict(config.stage1)),
+                               global_batch_rows=config.stage1.global_batch_groups,
+                               sample_unit="texts")
 
 
 def format_summary(manifest: dict[str, Any], folder: str) -> str:

@@ -1,0 +1,443 @@
+"""Stage 2 of UniME: hard-negative enhanced instruction tuning (UNIME_METHOD.md, stage 2).
+
+The model starts from the merged stage-1 model (``stage2.init``) with fresh LoRA over the
+whole MLLM (``stage2.lora_vision``), and learns from the ``mine_negatives`` table: one row
+= a query, its positive target, its mined hard negatives (best first) and the negatives
+the data gave. Queries and targets are text, image or image + text, wrapped in their task
+instructions (``stage2.prompt_mode``), images from the packed shards.
+
+One global batch of B pairs, W ranks. Rank r embeds ONE flat list of items::
+
+    [q_1 .. q_n ; pos_1 .. pos_n ; the carried negatives of row 1, row 2, ... ; padding]
+
+with n = B / W, at most ``M = mined_negatives + given_negatives`` negatives per row and
+padding (copies of the first positive, ignored by the loss) so every rank embeds the same
+number of items (the gather and the gradient cache's chunk count need it). Next to the
+items each rank builds a small int64 table ``(kind, global row, slot, content-key code)``
+that is all-gathered without grad; the loss then picks the gathered embeddings apart by
+it (queries and positives in global row order, negatives scattered into a (B, M, D)
+tensor with a validity mask; scatter and index keep the gradient) and calls
+:func:`pipeline.losses.hard_negative_loss` on the global batch: candidates from the
+batch's targets and/or the row's carried negatives, same-content masking, the
+false-negative filter, top-k without gradient through the choice, InfoNCE at tau. With
+the gradient cache the flat item list is chunked as it is (chunks may straddle the parts).
+
+Outputs under ``<run_root>/stage2/`` as in stage 1: ``ray/`` (checkpoints, resume),
+``adapter/``, ``model/`` (merged, prompt mode ``instruction`` recorded), ``metrics.jsonl``
+(with the per-step hard-negative statistics), ``curves.png``, ``tensorboard/``,
+``train_summary.json``, ``export_check.json``, ``_manifest.json`` last.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline import storage
+from pipeline.config import Config, ConfigError, Stage2Config
+from pipeline.sharded import complete_input
+from pipeline.train import loop
+from pipeline.train.lora import attach_lora, check_lora_only, train_mode
+from pipeline.train.stage1 import TINY_PREFIX, StudentSource, check_train_and_model
+
+logger = logging.getLogger(__name__)
+
+STEP = "stage2"
+MINED_STEP = "mine_negatives"
+KIND_QUERY, KIND_POSITIVE, KIND_NEGATIVE, KIND_PADDING = 0, 1, 2, 3
+NUM_PROBE_ROWS = 4
+SMALL_INPUT_BYTES = 256 * 2**20  # mined shards up to this size go through the driver
+EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+STAT_NAMES = ("num_candidates", "dropped_duplicate", "dropped_margin", "dropped_ratio",
+              "rows_with_false_negative", "rows_short", "rows_without_negatives",
+              "mean_pos_sim", "mean_neg_sim", "mean_margin")
+_COLUMNS = ("id", "qry_text", "qry_image", "pos_text", "pos_image", "pos_key", "neg_text",
+            "neg_image", "neg_key", "given_neg_text", "given_neg_image")
+
+
+@dataclasses.dataclass(frozen=True)
+class Side:
+    """One query or target: text (with the image placeholder when there is an image),
+    encoded image bytes or None, and the int64 code of its content key."""
+
+    text: str
+    image: bytes | None
+    key: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PairRow:
+    """One training row: a query, its positive and its carried negatives."""
+
+    id: str
+    query: Side
+    positive: Side
+    negatives: tuple[Side, ...]  # mined (best first), then given; at most M
+
+
+def key_code(content_key: str) -> int:
+    """A content key (hex) -> int64 code: its first 60 bits (collisions ~ 2^-60 per pair)."""
+    return int(content_key[:15], 16)
+
+
+def _given_key(text: str, image: bytes | None, positive: Side, pos_image: bytes | None) -> int:
+    """Given negatives carry no content key: the positive's when they are the same text and
+    image bytes (so they are masked), else a code of their own."""
+    if text == positive.text and image == pos_image:
+        return positive.key
+    digest = hashlib.sha256(text.encode() + b"\0" + (image or b"-")).hexdigest()
+    return key_code(digest)
+
+
+def decode_pairs(table: pa.Table, *, mined_negatives: int,
+                 given_negatives: int) -> dict[str, PairRow]:
+    """``mined`` rows -> {id: PairRow} with the first ``mined_negatives`` mined and the
+    first ``given_negatives`` given negatives of each row."""
+    cols = {name: table.column(name).to_pylist() for name in _COLUMNS}
+    out: dict[str, PairRow] = {}
+    for i, row_id in enumerate(cols["id"]):
+        pos_image = cols["pos_image"][i]
+        query = Side(cols["qry_text"][i], cols["qry_image"][i] or None, 0)
+        positive = Side(cols["pos_text"][i], pos_image or None, key_code(cols["pos_key"][i]))
+        negatives = [Side(text, image or None, key_code(key)) for text, image, key in zip(
+            cols["neg_text"][i][:mined_negatives], cols["neg_image"][i][:mined_negatives],
+            cols["neg_key"][i][:mined_negatives], strict=True)]
+        given = zip(cols["given_neg_text"][i][:given_negatives],
+                    cols["given_neg_image"][i][:given_negatives], strict=True)
+        negatives += [Side(text, image or None, _given_key(text, image or None, positive,
+                                                           pos_image or None))
+                      for text, image in given]
+        out[row_id] = PairRow(row_id, query, positive, tuple(negatives))
+    return out
+
+
+# -- the flat item list of one rank and its layout ---------------------------------------------
+def flatten_rows(rows: list[PairRow], *, rank: int, negative_slots: int,
+                 num_items: int | None = None) -> tuple[list[Side], np.ndarray]:
+    """Items ``[queries; positives; negatives row by row; padding]`` and their (L, 4) int64
+    layout ``(kind, global row, slot, key code)`` (global row = rank * n + local row).
+
+    ``negative_slots`` = M caps each row's negatives (0 = none); ``num_items`` pads with
+    copies of the first positive (kind padding) up to that length."""
+    n = len(rows)
+    items: list[Side] = [row.query for row in rows] + [row.positive for row in rows]
+    layout = [(KIND_QUERY, rank * n + i, 0, 0) for i in range(n)]
+    layout += [(KIND_POSITIVE, rank * n + i, 0, row.positive.key) for i, row in enumerate(rows)]
+    for i, row in enumerate(rows):
+        for slot, negative in enumerate(row.negatives[:negative_slots]):
+            items.append(negative)
+            layout.append((KIND_NEGATIVE, rank * n + i, slot, negative.key))
+    if num_items is not None:
+        if num_items < len(items):
+            raise ValueError(f"{len(items)} items do not fit in {num_items}")
+        layout += [(KIND_PADDING, 0, 0, 0)] * (num_items - len(items))
+        items += [rows[0].positive] * (num_items - len(items))
+    return items, np.asarray(layout, dtype=np.int64).reshape(-1, 4)
+
+
+def global_loss(global_emb: torch.Tensor, *, layout: torch.Tensor, num_rows: int,
+                negative_slots: int, stage2: Stage2Config,
+                metrics: dict[str, float] | None = None) -> torch.Tensor:
+    """The stage-2 loss of a gathered global batch (see the module docstring).
+
+    ``global_emb`` (N, D) with the local shard in the graph, ``layout`` (N, 4) the gathered
+    item table, ``num_rows`` = B, ``negative_slots`` = M (0 = in-batch negatives only).
+    Per-step statistics go into ``metrics`` (``hn_*``)."""
+    from pipeline.losses import hard_negative_loss
+
+    kind, row, slot, key = layout.to(global_emb.device).unbind(1)  # (N,) each
+    is_query, is_positive = kind == KIND_QUERY, kind == KIND_POSITIVE  # (N,)
+    expected = torch.arange(num_rows, device=row.device)  # (B,)
+    if not (torch.equal(row[is_query], expected) and torch.equal(row[is_positive], expected)):
+        raise RuntimeError("stage 2: gathered queries/positives are not in global row order")
+    q_emb, pos_emb = global_emb[is_query], global_emb[is_positive]  # (B, D), (B, D)
+    neg = {}
+    if negative_slots and stage2.negatives != "batch":
+        idx = (kind == KIND_NEGATIVE).nonzero().squeeze(1)  # (n_neg,)
+        where = (row[idx], slot[idx])
+        dim = global_emb.shape[1]
+        neg["neg_emb"] = global_emb.new_zeros(num_rows, negative_slots, dim).index_put(
+            where, global_emb[idx])  # (B, M, D) gradient flows to the gathered rows
+        neg["neg_keys"] = key.new_zeros(num_rows, negative_slots).index_put(
+            where, key[idx])  # (B, M)
+        neg["neg_valid"] = torch.zeros(num_rows, negative_slots, dtype=torch.bool,
+                                       device=row.device).index_put(
+            where, torch.ones_like(idx, dtype=torch.bool))  # (B, M)
+    negatives = stage2.negatives if neg else "batch"
+    loss, stats = hard_negative_loss(
+        q_emb, pos_emb, pos_keys=key[is_positive], negatives=negatives,
+        num_hard_negatives=stage2.num_hard_negatives, temperature=stage2.temperature,
+        fn_margin=stage2.fn_margin, fn_ratio=stage2.fn_ratio, mode=stage2.mode, **neg)
+    if metrics is not None:
+        values = stats.as_dict()
+        metrics.update({f"hn_{name}": float(values[name]) for name in STAT_NAMES})
+        metrics["hn_false_negative_rate"] = values["rows_with_false_negative"] / num_rows
+    return loss
+
+
+# -- the stage plug-in -----------------------------------------------------------------------------
+class Stage2Spec:
+    """:class:`pipeline.train.loop.StageSpec` of stage 2."""
+
+    key_column = "id"
+
+    def __init__(self, settings: loop.LoopSettings, *, init: StudentSource,
+                 config: Config, probe_rows: list[PairRow]) -> None:
+        self.settings = settings
+        self.init = init
+        self.stage2 = config.stage2
+        self.export_dtype = (EXPORT_DTYPES[settings.precision] if config.model.dtype == "auto"
+                             else config.model.dtype)
+        self.probe_rows = probe_rows
+        self.vision_frozen = not self.stage2.lora_vision
+
+    @property
+    def negative_slots(self) -> int:
+        """M: negatives carried per row into the loss (0 for in-batch negatives only)."""
+        if self.stage2.negatives == "batch":
+            return 0
+        return self.stage2.mined_negatives + self.stage2.given_negatives
+
+    # -- model -------------------------------------------------------------------------------
+    def load_model(self, *, dtype: torch.dtype, device: torch.device | str) -> Any:
+        from pipeline.models import Embedder
+
+        embedder = Embedder.from_pretrained(self.init.uri, family=self.init.family or None,
+                                            trust_remote_code=self.init.trust_remote_code,
+                                            dtype=dtype, device=device)
+        embedder.prompt_mode = self.stage2.prompt_mode
+        return attach_lora(embedder, rank=self.stage2.lora_rank, alpha=self.stage2.lora_alpha,
+                           dropout=self.stage2.lora_dropout,
+                           include_vision=self.stage2.lora_vision,
+                           seed=self.settings.train.seed)
+
+    def build_model(self, ctx: loop.WorkerContext) -> torch.nn.Module:
+        embedder = self.load_model(dtype=ctx.dtype, device=ctx.device)
+        if ctx.is_rank_zero:
+            n_train = sum(p.numel() for p in embedder.parameters() if p.requires_grad)
+            n_all = sum(p.numel() for p in embedder.parameters())
+            logger.info("stage2 model %s (%s): %d of %d parameters train (LoRA r=%d, %s)",
+                        self.init.uri, embedder.spec.family, n_train, n_all,
+                        self.stage2.lora_rank, "whole MLLM" if self.stage2.lora_vision
+                        else "language model only")
+        return embedder
+
+    def set_train_mode(self, module: torch.nn.Module) -> None:
+        train_mode(module, vision_frozen=self.vision_frozen)
+
+    def check_frozen(self, module: torch.nn.Module) -> None:
+        check_lora_only(module, vision_frozen=self.vision_frozen, stage="stage 2")
+
+    # -- data --------------------------------------------------------------------------------
+    def decode_rows(self, table: pa.Table) -> dict[str, PairRow]:
+        return decode_pairs(table, mined_negatives=self.stage2.mined_negatives,
+                            given_negatives=self.stage2.given_negatives)
+
+    def make_step(self, ctx: loop.WorkerContext, module: torch.nn.Module,
+                  rows: list[PairRow]) -> loop.StepBatch:
+        slots = self.negative_slots
+        items, _ = flatten_rows(rows, rank=ctx.rank, negative_slots=slots)
+        num_items = max(loop.all_gather_ints(len(items), ctx))  # same on every rank
+        items, layout = flatten_rows(rows, rank=ctx.rank, negative_slots=slots,
+                                     num_items=num_items)
+        global_layout = loop.all_gather_no_grad(torch.from_numpy(layout).to(ctx.device))
+        chunks = [module.prepare([item.text for item in piece], [item.image for item in piece],
+                                 mode=self.stage2.prompt_mode)
+                  for piece in loop.chunk_rows(items, ctx.settings.train.grad_cache_chunk_size)]
+        metrics: dict[str, float] = {}
+        loss_fn = functools.partial(global_loss, layout=global_layout,
+                                    num_rows=len(rows) * ctx.world_size, negative_slots=slots,
+                                    stage2=self.stage2, metrics=metrics)
+        tokens = sum(int(chunk["attention_mask"].sum()) for chunk in chunks)
+        real = int((layout[:, 0] != KIND_PADDING).sum())
+        return loop.StepBatch(chunks=chunks, loss_fn=loss_fn, num_samples=real,
+                              num_tokens=tokens, metrics=metrics)
+
+    def embed(self, engine: Any, chunk: dict[str, torch.Tensor]) -> torch.Tensor:
+        return engine(**chunk)  # (n_chunk, D) unit rows
+
+    # -- outputs -----------------------------------------------------------------------------
+    def probe(self) -> tuple[list[str], list[bytes | None]]:
+        """Texts and images of the export check: the probe rows' queries and positives."""
+        sides = [side for row in self.probe_rows for side in (row.query, row.positive)]
+        return [side.text for side in sides], [side.image for side in sides]
+
+    def export(self, ctx: loop.WorkerContext, engine: Any) -> dict[str, Any]:
+        from pipeline.train import checkpoint as ckpt
+
+        trainable = ckpt.gather_trainable_state(engine.module)  # collective
+        texts, images = self.probe()
+        probe_emb = engine.module.encode(texts, images,
+                                         mode=self.stage2.prompt_mode)  # (P, D) every rank
+        if not ctx.is_rank_zero:
+            return {}
+        loop.release_hf_deepspeed_config(ctx)
+        dtype = getattr(torch, self.export_dtype)
+        exact = ctx.settings.precision == "fp32" and dtype == torch.float32
+        fresh = self.load_model(dtype=torch.float32, device="cpu")
+        return ckpt.export_lora_model(fresh, trainable, stage_dir=self.settings.stage_dir,
+                                      dtype=dtype, probe_texts=texts, probe_emb=probe_emb,
+                                      probe_images=images, probe_mode=self.stage2.prompt_mode,
+                                      check_device=ctx.device,
+                                      min_cosine=0.9999 if exact else 0.99)
+
+
+# -- the driver ------------------------------------------------------------------------------------
+def check_config(config: Config, num_pairs: int | None = None) -> None:
+    """Fail before heavy work, naming the key."""
+    stage2, train = config.stage2, config.train
+    if stage2.global_batch_pairs % train.num_workers:
+        raise ConfigError(f"stage2.global_batch_pairs={stage2.global_batch_pairs} is not a "
+                          f"multiple of train.num_workers={train.num_workers}")
+    if num_pairs is not None and num_pairs < stage2.global_batch_pairs:
+        raise ConfigError(f"stage2.global_batch_pairs={stage2.global_batch_pairs} is larger "
+                          f"than the {num_pairs} pairs of the mine_negatives step")
+    if stage2.negatives != "batch" and stage2.mined_negatives + stage2.given_negatives == 0:
+        raise ConfigError(f"stage2.negatives={stage2.negatives} needs stage2.mined_negatives "
+                          "or stage2.given_negatives > 0")
+    if stage2.fn_ratio is not None and stage2.fn_ratio <= 0:
+        raise ConfigError(f"stage2.fn_ratio={stage2.fn_ratio} must be > 0 (or null)")
+    if not stage2.init:
+        raise ConfigError("stage2.init is empty: use stage1, student or a model folder")
+    check_train_and_model(config)
+
+
+def resolve_init(config: Config) -> StudentSource:
+    """The starting model of ``stage2.init`` (see the config help); errors name the key."""
+    init, model = config.stage2.init, config.model
+    if init == "stage1":
+        folder = config.step_dir("stage1")
+        if storage.read_manifest(folder) is None:
+            raise FileNotFoundError(f"stage2.init=stage1: {folder} is not a finished stage-1 "
+                                    "run; run jobs/stage1.py first (or set stage2.init)")
+        uri = storage.join(folder, "model")
+        return StudentSource(loop.absolute_uri(uri), model.family, model.trust_remote_code)
+    if init == "student":
+        uri = model.path
+        if uri.startswith(TINY_PREFIX):
+            uri = storage.join(config.run_root, "models", f"tiny-{uri[len(TINY_PREFIX):]}")
+            hint = "; the tiny student is built by stage1: run jobs/stage1.py first"
+        else:
+            hint = " (model.path)"
+    else:
+        uri, hint = init, ""
+    from pipeline.models import META_FILE
+
+    if not (storage.exists(storage.join(uri, META_FILE))
+            or storage.exists(storage.join(uri, "config.json"))):
+        raise FileNotFoundError(f"stage2.init={init}: no model folder at {uri}{hint}")
+    return StudentSource(loop.absolute_uri(uri), model.family, model.trust_remote_code)
+
+
+def pair_keys(shards: list[str]) -> tuple[str, ...]:
+    """Sorted pair ids of the mined shards (unique)."""
+    ids = [i for uri in shards for i in storage.read_table(uri, columns=["id"]).column(
+        "id").to_pylist()]
+    keys = tuple(sorted(set(ids)))
+    if len(keys) != len(ids):
+        raise ValueError("duplicate pair ids in the mine_negatives shards")
+    return keys
+
+
+def probe_rows(shards: list[str]) -> list[PairRow]:
+    """The first rows of the first shard: the export check's probe."""
+    table = storage.read_table(shards[0]).slice(0, NUM_PROBE_ROWS)
+    rows = decode_pairs(table, mined_negatives=0, given_negatives=0)
+    return [rows[i] for i in table.column("id").to_pylist()]
+
+
+def training_dataset(folder: str, shards: list[str]) -> Any:
+    """The mined shards as a Ray Dataset. Small tables (the demo, tests) are read here and
+    handed over with ``from_arrow``: ``read_parquet`` would start a Ray worker process per
+    read task in every Train worker, which costs about a minute on a 2-core machine.
+    Larger ones are read by Ray Data (``read_parquet``) and never held by the driver."""
+    import ray.data
+
+    size = storage.fingerprint(folder)["bytes"]
+    if size <= SMALL_INPUT_BYTES:
+        return ray.data.from_arrow([storage.read_table(uri) for uri in shards])
+    fs, first = storage.resolve(shards[0])
+    paths = [first] + [storage.resolve(uri)[1] for uri in shards[1:]]
+    logger.info("stage2: %.1f GiB of mined shards: read by Ray Data", size / 2**30)
+    return ray.data.read_parquet(paths, filesystem=fs)
+
+
+def stage2(config: Config, folder: str | None = None) -> dict[str, Any]:
+    """Run stage 2 into ``folder`` (default ``<run_root>/stage2``; ablations use others), or
+    skip it when complete; returns its manifest."""
+    start = time.perf_counter()
+    folder = folder or config.step_dir(STEP)
+    check_config(config)
+    mined_folder = config.step_dir(MINED_STEP)
+    mined_manifest, shards = complete_input(mined_folder)
+    num_pairs = mined_manifest["rows_out"]
+    check_config(config, num_pairs)
+    init = resolve_init(config)
+    keys = pair_keys(shards)
+    if len(keys) != num_pairs:
+        raise storage.StorageError(f"{mined_folder}: the manifest counts {num_pairs} pairs "
+                                   f"but the shards hold {len(keys)}")
+    stage2_cfg = config.stage2
+    settings = loop.build_settings(
+        config, stage=STEP, folder=folder, keys=keys,
+        optim=loop.optim_settings(dataclasses.asdict(config.stage2),
+                                scheduled_steps=stage2_cfg.steps),
+        global_batch_rows=stage2_cfg.global_batch_pairs, sample_unit="items")
+    done = loop.finished_run(config.config_hash, folder, settings.stop_step, STEP)
+    if done is not None:
+        return done
+    spec = Stage2Spec(settings, init=init, config=config, probe_rows=probe_rows(shards))
+    loop.fit(spec, training_dataset(mined_folder, shards), config)
+    summary = storage.read_json(storage.join(settings.stage_dir, loop.SUMMARY_FILE))
+    used = loop.rows_used(num_pairs, settings, summary["steps"])
+    return storage.write_manifest(folder, {
+        "rows_in": num_pairs, "rows_out": num_pairs, "rows_rejected": 0,
+        "rejects_by_reason": {}, "pairs_used": used, "pairs_never_used": num_pairs - used,
+        "global_batch_pairs": settings.global_batch_rows, "negative_slots": spec.negative_slots,
+        "config_hash": config.config_hash, "seconds": round(time.perf_counter() - start, 3),
+        **summary,
+        "hard_negatives": hard_negative_summary(settings.stage_dir),
+        "init": dataclasses.asdict(init),
+        "ray_run": {"storage": storage.join(folder, "ray"), "name": config.run_name},
+        "inputs": {"mine_negatives": storage.fingerprint(mined_folder)},
+        "config": config.to_dict(),
+    })
+
+
+def hard_negative_summary(stage_dir: str) -> dict[str, Any]:
+    """Means of the per-step hard-negative statistics over the run, and of the last step."""
+    from pipeline.train.metrics import read_metrics
+
+    rows = read_metrics(stage_dir)
+    names = ["hn_false_negative_rate", "hn_mean_pos_sim", "hn_mean_neg_sim", "hn_mean_margin",
+             "hn_rows_without_negatives", "hn_rows_short"]
+    out: dict[str, Any] = {}
+    for name in names:
+        values = np.array([row[name] for row in rows if name in row], dtype=np.float64)
+        if len(values):
+            out[name] = {"mean": float(np.nanmean(values)) if np.isfinite(values).any()
+                         else None, "last": float(values[-1])}
+    return out
+
+
+def format_summary(manifest: dict[str, Any], folder: str) -> str:
+    hn = manifest.get("hard_negatives", {})
+    rate = hn.get("hn_false_negative_rate", {}).get("mean")
+    margin = hn.get("hn_mean_margin", {}).get("last")
+    extra = ""
+    if rate is not None:
+        extra += f"; queries with a false negative dropped {100 * rate:.1f}%"
+    if margin is not None:
+        extra += f"; pos-neg margin at the end {margin:.3f}"
+    return (f"stage2 -> {folder}  ({manifest['seconds']:.1f} s)\n"
+            f"{manifest['steps']} of {manifest['total_steps']} scheduled steps on "
+            f"{manifest['world_size']} worker(s), {manifest['precision']}, ZeRO-"
+            f"{manifest['zero_stage']}; loss {manifest['first_loss']:.4f} -> "
+            f"{manifest['final_loss']:.4f}{extra}; merged model at {manifest['model']}")
