@@ -41,7 +41,7 @@ def test_frozen():
 
 @pytest.mark.parametrize("override, pattern", [
     ("data.imag_size=3", r"unknown config key 'data.imag_size'.*did you mean 'data.image_size'"),
-    ("bogus=1", r"unknown config key 'bogus'.*allowed keys in <top level>: data, "),
+    ("bogus=1", r"unknown config key 'bogus'.*allowed keys in <top level>: ablation, data, "),
     ("data.image_format=gif", r"data.image_format: 'gif' is not allowed; allowed values: "
                               r"png, jpeg"),
     ("data.image_size=big", r"data.image_size: expected an integer, got 'big'"),

@@ -1,0 +1,40 @@
+"""Export: the trained embedder as a Hugging Face folder with a model card, checked by a round
+trip against the embeddings of the model as trained. No Ray needed.
+
+Local:    python jobs/export.py --config jobs/configs/demo.yaml
+          python jobs/export.py --config jobs/configs/demo.yaml export.source=stage1 \
+              export.dtype=bfloat16 export.destination=/models/unime-demo
+Cluster:  ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
+              python jobs/export.py --config jobs/configs/qwen2vl_2b.yaml output_root=s3://BUCKET/runs/qwen2vl-2b
+Needs:    <output_root>/<export.source>/model + _manifest.json (run jobs/stage2.py or
+          jobs/stage1.py first), or export.source=<Embedder folder or s3:// prefix>;
+          <output_root>/evaluate/report.json goes into the card when present
+Outputs:  <export.destination> (default <output_root>/export/model: safetensors, tokenizer,
+          README.md, unime_backbone.json) + <output_root>/export/_manifest.json
+"""
+from __future__ import annotations
+
+import sys
+
+import _bootstrap  # noqa: F401  (makes `pipeline` importable from a plain checkout)
+
+from pipeline.cli import parse_config
+from pipeline.config import ConfigError
+from pipeline.export import STEP, export, format_summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(argv, __doc__)
+    try:
+        manifest = export(config)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from err
+    print(format_summary(manifest, config.step_dir(STEP)))
+
+
+if __name__ == "__main__":
+    main()
