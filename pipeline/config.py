@@ -373,6 +373,9 @@ class Config:
                              "folder; '' = ./runs/<run_name>")
     log_level: Literal["DEBUG", "INFO", "WARNING"] = _knob("INFO", hashed=False,
                                                            help="logging level")
+    ablation: bool = _knob(False, hashed=False, help="run_all also trains the ablation "
+                           "variants of stage 2 (stage 2 only; no hard negatives; in-batch "
+                           "hard negatives only) under <run_root>/ablation and evaluates them")
     ray: RayConfig = _section(RayConfig, help="Ray runtime", hashed=False)
     storage: StorageConfig = _section(StorageConfig, help="S3 settings", hashed=False)
     data: DataConfig = _section(DataConfig, help="data preparation")

@@ -1,0 +1,127 @@
+"""The whole pipeline in order (``jobs/run_all.py``), its summary table and the ablation.
+
+``run_all(config)``: prepare_data -> teacher_embed -> stage1 -> mine_negatives -> stage2 ->
+evaluate -> export, each step skipping work already complete under its folder, then one
+table: Precision@1 per MMEB-format eval set (and the caption sets' headline numbers) for
+every evaluated model (by default untrained / stage 1 / stage 2), and where the outputs are.
+
+``config.ablation = true`` also runs the paper's ablation at the config's scale, under
+``<run_root>/ablation/``: stage 2 from the untrained student ("stage 2 only"), and stage 2
+from stage 1 without hard negatives (``full_batch``: VLM2Vec-style InfoNCE over the
+in-batch targets) and with in-batch hard negatives only (``negatives=batch``: the paper's
+exact recipe, no offline mining); then one evaluation of every model and one table. The
+variants share the run's inputs (same data, teacher, stage 1 and mined negatives) and
+differ only in their ``stage2`` settings, so each gets its own folder and config hash.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from pipeline import storage
+from pipeline.config import Config
+
+logger = logging.getLogger(__name__)
+
+ABLATION_DIR = "ablation"
+# variant -> stage2 settings that differ from the run's own stage 2 ("both")
+ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
+    "stage2_only": {"init": "student"},
+    "no_hard_negatives": {"mode": "full_batch", "negatives": "batch"},
+    "in_batch_hard_negatives": {"negatives": "batch"},
+}
+SUMMARY_METRICS = {"sugarcrepe": ("mean",), "retrieval": ("t2i_R@1", "i2t_R@1")}
+
+
+def run_all(config: Config) -> dict[str, Any]:
+    """Every step in order; returns {"evaluate": manifest, "export": manifest, ...}."""
+    from pipeline import export as export_step
+    from pipeline import mine_negatives
+    from pipeline.data import prepare
+    from pipeline.eval import evaluate
+    from pipeline.models import teacher_embed
+    from pipeline.train import stage1, stage2
+
+    start = time.perf_counter()
+    steps = [(prepare.STEP, prepare.prepare_data, prepare.format_summary),
+             (teacher_embed.STEP, teacher_embed.teacher_embed, teacher_embed.format_summary),
+             (stage1.STEP, stage1.stage1, stage1.format_summary),
+             (mine_negatives.STEP, mine_negatives.mine_negatives, mine_negatives.format_summary),
+             (stage2.STEP, stage2.stage2, stage2.format_summary),
+             (evaluate.STEP, evaluate.evaluate, evaluate.format_summary),
+             (export_step.STEP, export_step.export, export_step.format_summary)]
+    manifests: dict[str, Any] = {}
+    for name, run, summary in steps:
+        step_start = time.perf_counter()
+        manifests[name] = run(config)
+        print(summary(manifests[name], config.step_dir(name)))
+        logger.info("run_all: %s done in %.1f s", name, time.perf_counter() - step_start)
+    if config.ablation:
+        manifests["ablation"] = run_ablation(config)
+    manifests["seconds"] = round(time.perf_counter() - start, 1)
+    print()
+    print(summary_table(manifests[evaluate.STEP]["results"],
+                        title=f"run {config.run_name}: Precision@1 (%) per eval set"))
+    if config.ablation:
+        print()
+        print(summary_table(manifests["ablation"]["results"],
+                            title="ablation (same data, teacher, stage 1, mined negatives)"))
+    print(f"\nfinished in {manifests['seconds']:.1f} s; outputs under {config.run_root}/:")
+    print(f"  evaluation report  {config.step_dir(evaluate.STEP)}/report.md (+ report.json, PNGs)")
+    print(f"  exported model     {manifests[export_step.STEP]['destination']}")
+    print(f"  training curves    {config.step_dir(stage1.STEP)}/curves.png, "
+          f"{config.step_dir(stage2.STEP)}/curves.png")
+    print(f"  mined negatives    {config.step_dir(mine_negatives.STEP)} (scores.png)")
+    return manifests
+
+
+def variant_config(config: Config, changes: dict[str, Any]) -> Config:
+    """``config`` with other stage-2 settings, reading the same run folder's inputs."""
+    return dataclasses.replace(config, output_root=config.run_root,
+                               stage2=dataclasses.replace(config.stage2, **changes))
+
+
+def run_ablation(config: Config) -> dict[str, Any]:
+    """Train the ablation variants and evaluate every model once; returns the evaluate
+    manifest of ``<run_root>/ablation/evaluate``."""
+    from pipeline.eval import evaluate
+    from pipeline.train import stage2
+
+    folder = storage.join(config.run_root, ABLATION_DIR)
+    models = {"untrained": "student", "stage1_only": "stage1"}
+    for name, changes in ABLATION_VARIANTS.items():
+        variant = variant_config(config, changes)
+        manifest = stage2.stage2(variant, folder=storage.join(folder, name))
+        print(stage2.format_summary(manifest, storage.join(folder, name)))
+        models[name] = storage.join(folder, name, "model")
+        if name == "stage2_only":
+            models["both"] = "stage2"  # the run's own stage 2 (from stage 1, mined + batch)
+    manifest = evaluate.evaluate(config, models=models,
+                                 folder=storage.join(folder, evaluate.STEP))
+    print(evaluate.format_summary(manifest, storage.join(folder, evaluate.STEP)))
+    return manifest
+
+
+def summary_table(results: dict[str, dict[str, dict[str, Any]]], *, title: str) -> str:
+    """A plain-text table: one row per MMEB-format dataset and overall number, SugarCrepe
+    mean and caption-retrieval R@1; one column per model (values in percent)."""
+    labels = list(results)
+    rows: list[tuple[str, list[Any]]] = []
+    mmeb_names = list(next(iter(results.values())).get("mmeb", {}))
+    for name in mmeb_names:
+        if not name.startswith("metatask:"):
+            rows.append((name, [results[label]["mmeb"].get(name) for label in labels]))
+    for set_name, metrics in SUMMARY_METRICS.items():
+        for metric in metrics:
+            if any(metric in results[label].get(set_name, {}) for label in labels):
+                rows.append((f"{set_name}:{metric}",
+                             [results[label].get(set_name, {}).get(metric) for label in labels]))
+    width = max([len(name) for name, _ in rows] + [10])
+    cell = max([len(label) for label in labels] + [7])
+    lines = [title, f"{'':<{width}}  " + "  ".join(f"{label:>{cell}}" for label in labels)]
+    for name, values in rows:
+        lines.append(f"{name:<{width}}  " + "  ".join(
+            f"{'-' if value is None else f'{value:.2f}':>{cell}}" for value in values))
+    return "\n".join(lines)
