@@ -329,7 +329,7 @@ SMALL = ["data.demo.num_train_images=12", "data.demo.num_eval_images=8",
          "train.log_every_steps=1", "train.seed=0"]
 # The first losses of the uninterrupted run; they change only with the training semantics.
 # To regenerate: run this file with PINNED_LOSSES = None and copy the printed values.
-PINNED_LOSSES: list[float] | None = None
+PINNED_LOSSES: list[float] | None = [2.705245018005371, 2.913393497467041, 2.553358554840088]
 
 
 def run_config(root: str, *extra: str) -> Config:
