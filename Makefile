@@ -6,6 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= jobs/configs/demo.yaml
 PYTEST_ARGS ?=
+ARGS ?=
 
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
 export RAY_USAGE_STATS_ENABLED = 0
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt scripts/install.sh
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) jobs/run_all.py --config $(CONFIG)
+	$(PY) jobs/run_all.py --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -369,7 +369,7 @@ def evaluate(config: Config, models: dict[str, str] | None = None,
 def build_report(config: Config, refs: dict[str, ModelRef], sets: list[EvalSet],
                  set_info: dict[str, Any], results: dict[str, Any],
                  extra_metatasks: dict[str, str]) -> dict[str, Any]:
-    from pipeline.eval.report import clean
+    from pipeline.eval.report import clean, training_summary
 
     report: dict[str, Any] = {
         "run_name": config.run_name, "unit": "percent", "tie_rule": TIE_RULE,
@@ -377,6 +377,7 @@ def build_report(config: Config, refs: dict[str, ModelRef], sets: list[EvalSet],
         "prompt_modes": {"mmeb": config.eval.prompt_mode,
                          "captions": config.eval.caption_prompt_mode},
         "sets": set_info, "results": clean(results),
+        "training": clean(training_summary(config.run_root)),
     }
     mmeb = next((s for s in sets if s.name == "mmeb"), None)
     if mmeb is not None:

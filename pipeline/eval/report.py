@@ -22,6 +22,8 @@ from typing import Any
 
 from pipeline import storage
 
+# step -> its plot, copied next to the report as training_<step>.png
+TRAINING_PLOTS = {"stage1": "curves.png", "mine_negatives": "scores.png", "stage2": "curves.png"}
 SET_TITLES = {
     "mmeb": "MMEB-format sets: Precision@1 (%), ground truth = candidate 0",
     "retrieval": "Caption retrieval: Recall@K (%), t2i = text->image, i2t = image->text",
@@ -64,12 +66,14 @@ def markdown(report: dict[str, Any]) -> str:
     for set_name, info in report["sets"].items():
         lines += [f"## {SET_TITLES.get(set_name, set_name)}", "",
                   f"{info['scored']} of {info['rows']} rows scored.", "",
+                  f"![{set_name}]({set_name}.png)", "",
                   "| metric | " + " | ".join(labels) + " |",
                   "|---|" + "---:|" * len(labels)]
         for name in metric_names(report, set_name):
             values = [_fmt(report["results"][label][set_name].get(name)) for label in labels]
             lines.append(f"| {name} | " + " | ".join(values) + " |")
         lines.append("")
+    lines += training_markdown(report.get("training", {}))
     mmeb = report.get("mmeb")
     if mmeb:
         if mmeb["metatasks_missing"]:
@@ -111,8 +115,48 @@ def bar_plot_png(report: dict[str, Any], set_name: str) -> bytes:
     return buffer.getvalue()
 
 
+def training_summary(run_root: str) -> dict[str, Any]:
+    """What the run's finished training and mining steps report (losses, steps, seconds,
+    hard-negative statistics), and where their plots are; {} for steps not run."""
+    out: dict[str, Any] = {}
+    for step, plot in TRAINING_PLOTS.items():
+        folder = storage.join(run_root, step)
+        manifest = storage.read_manifest(folder)
+        if manifest is None:
+            continue
+        keys = ("steps", "first_loss", "final_loss", "seconds", "totals", "hard_negatives")
+        out[step] = {key: manifest[key] for key in keys if key in manifest}
+        if storage.exists(storage.join(folder, plot)):
+            out[step]["plot"] = storage.join(folder, plot)
+    return out
+
+
+def training_markdown(training: dict[str, Any]) -> list[str]:
+    if not training:
+        return []
+    lines = ["## Training and mining", ""]
+    for step, info in training.items():
+        if "first_loss" in info:
+            lines.append(f"- **{step}**: {info['steps']} steps, loss {info['first_loss']:.4f} "
+                         f"-> {info['final_loss']:.4f} ({info['seconds']:.0f} s)")
+        elif "totals" in info:
+            totals = info["totals"]
+            lines.append(f"- **{step}**: {totals.get('queries', 0)} queries, "
+                         f"{totals.get('n_selected', 0)} negatives kept, "
+                         f"{totals.get('dropped_margin', 0)} false negatives dropped")
+        hard = info.get("hard_negatives", {})
+        if "hn_false_negative_rate" in hard:
+            lines.append(f"  (queries with a false negative dropped per step: "
+                         f"{100 * hard['hn_false_negative_rate']['mean']:.1f}% on average)")
+    lines.append("")
+    lines += [f"![{step}](training_{step}.png)" for step, info in training.items()
+              if "plot" in info]
+    return [*lines, ""]
+
+
 def write_report(report: dict[str, Any], folder: str) -> list[str]:
-    """report.json, report.md and ``<set>.png`` per eval set; returns the file names."""
+    """report.json, report.md, ``<set>.png`` per eval set and the training / mining plots
+    (``training_<step>.png``); returns the file names."""
     storage.write_json(storage.join(folder, "report.json"), report)
     storage.write_bytes(storage.join(folder, "report.md"), markdown(report).encode())
     names = ["report.json", "report.md"]
@@ -120,4 +164,9 @@ def write_report(report: dict[str, Any], folder: str) -> list[str]:
         storage.write_bytes(storage.join(folder, f"{set_name}.png"),
                             bar_plot_png(report, set_name))
         names.append(f"{set_name}.png")
+    for step, info in report.get("training", {}).items():
+        if "plot" in info:
+            storage.write_bytes(storage.join(folder, f"training_{step}.png"),
+                                storage.read_bytes(info["plot"]))
+            names.append(f"training_{step}.png")
     return names

@@ -331,6 +331,38 @@ def build_engine(ctx: WorkerContext, spec: StageSpec) -> Any:
     return engine
 
 
+def export_lora(ctx: WorkerContext, engine: Any, *, load_fresh: Callable[[], Any],
+                export_dtype: str, probe_texts: list[str],
+                probe_images: list[bytes | None] | None = None,
+                probe_mode: str | None = None) -> dict[str, Any]:
+    """A stage's export, on every rank: gather the trained LoRA weights (a collective under
+    ZeRO) and embed the probe with the model as trained; rank 0 then writes the adapter and
+    the merged model (``checkpoint.export_lora_model`` on ``load_fresh()``, the untrained
+    model with the same LoRA layers, float32 on CPU) and returns what it wrote."""
+    trainable = ckpt.gather_trainable_state(engine.module)
+    probe_emb = engine.module.encode(probe_texts, probe_images, mode=probe_mode)  # (P, D)
+    if not ctx.is_rank_zero:
+        return {}
+    release_hf_deepspeed_config(ctx)
+    dtype = getattr(torch, export_dtype)
+    exact = ctx.settings.precision == "fp32" and dtype == torch.float32
+    return ckpt.export_lora_model(load_fresh(), trainable, stage_dir=ctx.settings.stage_dir,
+                                  dtype=dtype, probe_texts=probe_texts, probe_emb=probe_emb,
+                                  probe_images=probe_images, probe_mode=probe_mode,
+                                  check_device=ctx.device, min_cosine=0.9999 if exact else 0.99)
+
+
+def check_global_batch(key: str, size: int, num_workers: int, num_rows: int | None,
+                       rows: str) -> None:
+    """A stage's global batch must split into equal worker slices and fit in its input."""
+    from pipeline.config import ConfigError
+
+    if size % num_workers:
+        raise ConfigError(f"{key}={size} is not a multiple of train.num_workers={num_workers}")
+    if num_rows is not None and num_rows < size:
+        raise ConfigError(f"{key}={size} is larger than the {num_rows} {rows}")
+
+
 def release_hf_deepspeed_config(ctx: WorkerContext) -> None:
     """Forget the ZeRO-3 HfDeepSpeedConfig, so later ``from_pretrained`` calls load normally."""
     if ctx.hf_deepspeed_config is not None:

@@ -159,18 +159,9 @@ class Stage1Spec:
 
     # -- outputs -----------------------------------------------------------------------------
     def export(self, ctx: loop.WorkerContext, engine: Any) -> dict[str, Any]:
-        trainable = ckpt.gather_trainable_state(engine.module)  # collective
-        probe_emb = engine.module.encode(self.probe_texts)        # (P, D) every rank (ZeRO-3)
-        if not ctx.is_rank_zero:
-            return {}
-        loop.release_hf_deepspeed_config(ctx)
-        dtype = getattr(torch, self.export_dtype)
-        exact = ctx.settings.precision == "fp32" and dtype == torch.float32
-        fresh = self.load_student(dtype=torch.float32, device="cpu")
-        return ckpt.export_lora_model(fresh, trainable, stage_dir=self.settings.stage_dir,
-                                      dtype=dtype, probe_texts=self.probe_texts,
-                                      probe_emb=probe_emb, check_device=ctx.device,
-                                      min_cosine=0.9999 if exact else 0.99)
+        return loop.export_lora(
+            ctx, engine, export_dtype=self.export_dtype, probe_texts=self.probe_texts,
+            load_fresh=lambda: self.load_student(dtype=torch.float32, device="cpu"))
 
 
 def decode_groups(table: pa.Table, texts_per_group: int) -> dict[str, TextGroup]:
@@ -197,13 +188,9 @@ def decode_groups(table: pa.Table, texts_per_group: int) -> dict[str, TextGroup]
 # -- the driver ------------------------------------------------------------------------------------
 def check_config(config: Config, num_groups: int | None = None) -> None:
     """Fail before heavy work, naming the key."""
-    stage1, train = config.stage1, config.train
-    if stage1.global_batch_groups % train.num_workers:
-        raise ConfigError(f"stage1.global_batch_groups={stage1.global_batch_groups} is not a "
-                          f"multiple of train.num_workers={train.num_workers}")
-    if num_groups is not None and num_groups < stage1.global_batch_groups:
-        raise ConfigError(f"stage1.global_batch_groups={stage1.global_batch_groups} is larger "
-                          f"than the {num_groups} text groups of the teacher step")
+    loop.check_global_batch("stage1.global_batch_groups", config.stage1.global_batch_groups,
+                            config.train.num_workers, num_groups,
+                            "text groups of the teacher step")
     check_train_and_model(config)
 
 

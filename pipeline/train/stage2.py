@@ -270,35 +270,20 @@ class Stage2Spec:
         return [side.text for side in sides], [side.image for side in sides]
 
     def export(self, ctx: loop.WorkerContext, engine: Any) -> dict[str, Any]:
-        from pipeline.train import checkpoint as ckpt
-
-        trainable = ckpt.gather_trainable_state(engine.module)  # collective
         texts, images = self.probe()
-        probe_emb = engine.module.encode(texts, images,
-                                         mode=self.stage2.prompt_mode)  # (P, D) every rank
-        if not ctx.is_rank_zero:
-            return {}
-        loop.release_hf_deepspeed_config(ctx)
-        dtype = getattr(torch, self.export_dtype)
-        exact = ctx.settings.precision == "fp32" and dtype == torch.float32
-        fresh = self.load_model(dtype=torch.float32, device="cpu")
-        return ckpt.export_lora_model(fresh, trainable, stage_dir=self.settings.stage_dir,
-                                      dtype=dtype, probe_texts=texts, probe_emb=probe_emb,
-                                      probe_images=images, probe_mode=self.stage2.prompt_mode,
-                                      check_device=ctx.device,
-                                      min_cosine=0.9999 if exact else 0.99)
+        return loop.export_lora(
+            ctx, engine, export_dtype=self.export_dtype, probe_texts=texts,
+            probe_images=images, probe_mode=self.stage2.prompt_mode,
+            load_fresh=lambda: self.load_model(dtype=torch.float32, device="cpu"))
 
 
 # -- the driver ------------------------------------------------------------------------------------
 def check_config(config: Config, num_pairs: int | None = None) -> None:
     """Fail before heavy work, naming the key."""
-    stage2, train = config.stage2, config.train
-    if stage2.global_batch_pairs % train.num_workers:
-        raise ConfigError(f"stage2.global_batch_pairs={stage2.global_batch_pairs} is not a "
-                          f"multiple of train.num_workers={train.num_workers}")
-    if num_pairs is not None and num_pairs < stage2.global_batch_pairs:
-        raise ConfigError(f"stage2.global_batch_pairs={stage2.global_batch_pairs} is larger "
-                          f"than the {num_pairs} pairs of the mine_negatives step")
+    stage2 = config.stage2
+    loop.check_global_batch("stage2.global_batch_pairs", stage2.global_batch_pairs,
+                            config.train.num_workers, num_pairs,
+                            "pairs of the mine_negatives step")
     if stage2.negatives != "batch" and stage2.mined_negatives + stage2.given_negatives == 0:
         raise ConfigError(f"stage2.negatives={stage2.negatives} needs stage2.mined_negatives "
                           "or stage2.given_negatives > 0")
