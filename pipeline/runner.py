@@ -6,12 +6,13 @@ table: Precision@1 per MMEB-format eval set (and the caption sets' headline numb
 every evaluated model (by default untrained / stage 1 / stage 2), and where the outputs are.
 
 ``config.ablation = true`` also runs the paper's ablation at the config's scale, under
-``<run_root>/ablation/``: stage 2 from the untrained student ("stage 2 only"), and stage 2
-from stage 1 without hard negatives (``full_batch``: VLM2Vec-style InfoNCE over the
-in-batch targets) and with in-batch hard negatives only (``negatives=batch``: the paper's
-exact recipe, no offline mining); then one evaluation of every model and one table. The
-variants share the run's inputs (same data, teacher, stage 1 and mined negatives) and
-differ only in their ``stage2`` settings, so each gets its own folder and config hash.
+``<run_root>/ablation/``: no training, stage 1 only, the run's stage 2 from the untrained
+student ("stage 2 only"), and stage 2 from stage 1 with each loss: InfoNCE over the
+in-batch targets (``full_batch``, VLM2Vec-style), the same with the mined negatives added,
+UniME's online hard negatives from the batch (the paper) and with the mined negatives added;
+then one evaluation of every model and one table. The variants share the run's inputs
+(same data, teacher, stage 1 and mined negatives) and differ only in their ``stage2``
+settings, so each gets its own folder and config hash.
 """
 from __future__ import annotations
 
@@ -28,9 +29,11 @@ logger = logging.getLogger(__name__)
 ABLATION_DIR = "ablation"
 # variant -> stage2 settings that differ from the run's own stage 2 ("both")
 ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
-    "stage2_only": {"init": "student"},
-    "no_hard_negatives": {"mode": "full_batch", "negatives": "batch"},
-    "in_batch_hard_negatives": {"negatives": "batch"},
+    "stage2_only": {"init": "student"},                      # the run's stage 2 from scratch
+    "in_batch_infonce": {"mode": "full_batch", "negatives": "batch"},       # VLM2Vec-style
+    "infonce_with_mined": {"mode": "full_batch", "negatives": "both"},
+    "unime_in_batch_hn": {"mode": "hard_negative", "negatives": "batch"},   # the paper
+    "unime_mined_hn": {"mode": "hard_negative", "negatives": "both"},       # + offline mining
 }
 SUMMARY_METRICS = {"sugarcrepe": ("mean",), "retrieval": ("t2i_R@1", "i2t_R@1")}
 
@@ -85,7 +88,8 @@ def variant_config(config: Config, changes: dict[str, Any]) -> Config:
 
 def run_ablation(config: Config) -> dict[str, Any]:
     """Train the ablation variants and evaluate every model once; returns the evaluate
-    manifest of ``<run_root>/ablation/evaluate``."""
+    manifest of ``<run_root>/ablation/evaluate``. A variant whose stage-2 settings equal
+    the run's own is the run's ``stage2`` folder (not trained twice)."""
     from pipeline.eval import evaluate
     from pipeline.train import stage2
 
@@ -93,11 +97,12 @@ def run_ablation(config: Config) -> dict[str, Any]:
     models = {"untrained": "student", "stage1_only": "stage1"}
     for name, changes in ABLATION_VARIANTS.items():
         variant = variant_config(config, changes)
+        if variant.stage2 == config.stage2:
+            models[name] = "stage2"
+            continue
         manifest = stage2.stage2(variant, folder=storage.join(folder, name))
         print(stage2.format_summary(manifest, storage.join(folder, name)))
         models[name] = storage.join(folder, name, "model")
-        if name == "stage2_only":
-            models["both"] = "stage2"  # the run's own stage 2 (from stage 1, mined + batch)
     manifest = evaluate.evaluate(config, models=models,
                                  folder=storage.join(folder, evaluate.STEP))
     print(evaluate.format_summary(manifest, storage.join(folder, evaluate.STEP)))

@@ -1,0 +1,40 @@
+"""run_all's pure parts: the summary table and the ablation variants' configs."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.runner import ABLATION_VARIANTS, summary_table, variant_config
+
+
+def test_summary_table_rows_columns_and_missing_values() -> None:
+    results = {
+        "base": {"mmeb": {"demo_cls": 5.0, "metatask:classification": 5.0,
+                          "overall_mean_of_datasets": 3.66},
+                 "sugarcrepe": {"mean": 49.6, "add_att": 41.0},
+                 "retrieval": {"t2i_R@1": 1.25, "i2t_R@1": 2.5, "t2i_R@5": 6.0}},
+        "stage2": {"mmeb": {"demo_cls": 12.345, "metatask:classification": 12.3,
+                            "overall_mean_of_datasets": None},
+                   "sugarcrepe": {"mean": 51.0}, "retrieval": {"t2i_R@1": 3.0}},
+    }
+    lines = summary_table(results, title="T").splitlines()
+    assert lines[0] == "T" and lines[1].split() == ["base", "stage2"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    assert list(rows) == ["demo_cls", "overall_mean_of_datasets", "sugarcrepe:mean",
+                          "retrieval:t2i_R@1", "retrieval:i2t_R@1"]
+    assert rows["demo_cls"] == ["5.00", "12.35"]
+    assert rows["overall_mean_of_datasets"] == ["3.66", "-"]
+    assert rows["retrieval:i2t_R@1"] == ["2.50", "-"]
+
+
+@pytest.mark.parametrize("name", list(ABLATION_VARIANTS))
+def test_variants_read_the_run_folder_and_change_only_stage2(name: str) -> None:
+    config = load_config("jobs/configs/demo.yaml", ["stage2.mode=full_batch"])
+    variant = variant_config(config, ABLATION_VARIANTS[name])
+    assert variant.run_root == config.run_root and variant.step_dir("stage1") == \
+        config.step_dir("stage1")
+    assert {k: getattr(variant.stage2, k) for k in ABLATION_VARIANTS[name]} == \
+        ABLATION_VARIANTS[name]
+    assert (variant.stage1, variant.mining, variant.data) == (config.stage1, config.mining,
+                                                              config.data)
+    assert (variant.stage2 == config.stage2) == (variant.config_hash == config.config_hash)
