@@ -299,6 +299,11 @@ class Stage2Config:
     mode: Literal["hard_negative", "full_batch"] = _knob(
         "hard_negative", help="hard_negative = UniME (filter + top-k); full_batch = the "
         "VLM2Vec-style InfoNCE over every candidate (baseline for ablations)")
+    infonce_warmup_steps: int = _knob(0, min=0, help="first steps trained with mode "
+                                      "full_batch before the hard-negative loss takes over "
+                                      "(0 = off, the paper). Hard negatives need a model that "
+                                      "already discriminates: from a weak start they collapse "
+                                      "every embedding onto one point (loss ln(k+1))")
     num_hard_negatives: int = _knob(8, min=1, help="k hard negatives per query (paper: 8)")
     mined_negatives: int = _knob(8, min=0, help="mined negatives carried per row from the "
                                  "mine_negatives table (the first ones, best first)")

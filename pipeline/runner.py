@@ -9,8 +9,8 @@ every evaluated model (by default untrained / stage 1 / stage 2), and where the 
 ``<run_root>/ablation/``: no training, stage 1 only, the run's stage 2 from the untrained
 student ("stage 2 only"), and stage 2 from stage 1 with each loss: InfoNCE over the
 in-batch targets (``full_batch``, VLM2Vec-style), the same with the mined negatives added,
-UniME's online hard negatives from the batch (the paper) and with the mined negatives added;
-then one evaluation of every model and one table. The variants share the run's inputs
+UniME's online hard negatives from the batch (the paper) and with the mined negatives added
+(both after the run's InfoNCE warm-up, and the latter also without it); then one evaluation of every model and one table. The variants share the run's inputs
 (same data, teacher, stage 1 and mined negatives) and differ only in their ``stage2``
 settings, so each gets its own folder and config hash.
 """
@@ -30,10 +30,14 @@ ABLATION_DIR = "ablation"
 # variant -> stage2 settings that differ from the run's own stage 2 ("both")
 ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
     "stage2_only": {"init": "student"},                      # the run's stage 2 from scratch
-    "in_batch_infonce": {"mode": "full_batch", "negatives": "batch"},       # VLM2Vec-style
-    "infonce_with_mined": {"mode": "full_batch", "negatives": "both"},
+    "in_batch_infonce": {"mode": "full_batch", "negatives": "batch",       # VLM2Vec-style
+                         "infonce_warmup_steps": 0},
+    "infonce_with_mined": {"mode": "full_batch", "negatives": "both",
+                           "infonce_warmup_steps": 0},
     "unime_in_batch_hn": {"mode": "hard_negative", "negatives": "batch"},   # the paper
     "unime_mined_hn": {"mode": "hard_negative", "negatives": "both"},       # + offline mining
+    "unime_mined_hn_no_warmup": {"mode": "hard_negative", "negatives": "both",
+                                 "infonce_warmup_steps": 0},
 }
 SUMMARY_METRICS = {"sugarcrepe": ("mean",), "retrieval": ("t2i_R@1", "i2t_R@1")}
 

@@ -302,6 +302,14 @@ def test_language_model_only_lora_keeps_vision_frozen(tiny_source: StudentSource
         spec.check_frozen(module)
 
 
+def test_infonce_warmup_switches_the_loss_mode(tiny_source: StudentSource) -> None:
+    spec, _ = spec_for(tiny_source, 0, "stage2.infonce_warmup_steps=3")
+    assert [spec.loss_mode(step) for step in range(5)] == ["full_batch"] * 3 + [
+        "hard_negative"] * 2
+    spec, _ = spec_for(tiny_source, 0)
+    assert spec.loss_mode(0) == "hard_negative"
+
+
 @pytest.mark.parametrize("override, message", [
     ("stage2.global_batch_pairs=3", "multiple of train.num_workers"),
     ("stage2.mined_negatives=0", "needs stage2.mined_negatives"),

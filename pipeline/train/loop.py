@@ -130,6 +130,7 @@ class WorkerContext:
     world_size: int
     device: torch.device
     hf_deepspeed_config: Any = None  # kept alive while a ZeRO-3 model is built
+    step: int = 0                    # optimizer steps done (the step being made is step + 1)
 
     @property
     def is_rank_zero(self) -> bool:
@@ -488,6 +489,7 @@ def run_worker(ctx: WorkerContext, spec: StageSpec, shard: Any, checkpoint: Any,
             if state.step >= settings.stop_step:
                 break
             torch.manual_seed(step_seed(settings.train.seed, state.step, ctx.rank))
+            ctx.step = state.step
             spec.check_frozen(engine.module)
             stats = train_step(ctx, engine, spec, spec.make_step(ctx, engine.module, rows))
             state.step += 1

@@ -143,13 +143,14 @@ def flatten_rows(rows: list[PairRow], *, rank: int, negative_slots: int,
 
 
 def global_loss(global_emb: torch.Tensor, *, layout: torch.Tensor, num_rows: int,
-                negative_slots: int, stage2: Stage2Config,
+                negative_slots: int, stage2: Stage2Config, mode: str | None = None,
                 metrics: dict[str, float] | None = None) -> torch.Tensor:
     """The stage-2 loss of a gathered global batch (see the module docstring).
 
     ``global_emb`` (N, D) with the local shard in the graph, ``layout`` (N, 4) the gathered
     item table, ``num_rows`` = B, ``negative_slots`` = M (0 = in-batch negatives only).
-    Per-step statistics go into ``metrics`` (``hn_*``)."""
+    ``mode`` overrides ``stage2.mode`` (the InfoNCE warm-up). Per-step statistics go into
+    ``metrics`` (``hn_*``)."""
     from pipeline.losses import hard_negative_loss
 
     kind, row, slot, key = layout.to(global_emb.device).unbind(1)  # (N,) each
@@ -174,11 +175,12 @@ def global_loss(global_emb: torch.Tensor, *, layout: torch.Tensor, num_rows: int
     loss, stats = hard_negative_loss(
         q_emb, pos_emb, pos_keys=key[is_positive], negatives=negatives,
         num_hard_negatives=stage2.num_hard_negatives, temperature=stage2.temperature,
-        fn_margin=stage2.fn_margin, fn_ratio=stage2.fn_ratio, mode=stage2.mode, **neg)
+        fn_margin=stage2.fn_margin, fn_ratio=stage2.fn_ratio, mode=mode or stage2.mode, **neg)
     if metrics is not None:
         values = stats.as_dict()
         metrics.update({f"hn_{name}": float(values[name]) for name in STAT_NAMES})
         metrics["hn_false_negative_rate"] = values["rows_with_false_negative"] / num_rows
+        metrics["hn_full_batch"] = float((mode or stage2.mode) == "full_batch")
     return loss
 
 
@@ -254,11 +256,17 @@ class Stage2Spec:
         metrics: dict[str, float] = {}
         loss_fn = functools.partial(global_loss, layout=global_layout,
                                     num_rows=len(rows) * ctx.world_size, negative_slots=slots,
-                                    stage2=self.stage2, metrics=metrics)
+                                    stage2=self.stage2, mode=self.loss_mode(ctx.step),
+                                    metrics=metrics)
         tokens = sum(int(chunk["attention_mask"].sum()) for chunk in chunks)
         real = int((layout[:, 0] != KIND_PADDING).sum())
         return loop.StepBatch(chunks=chunks, loss_fn=loss_fn, num_samples=real,
                               num_tokens=tokens, metrics=metrics)
+
+    def loss_mode(self, step: int) -> str:
+        """``full_batch`` during the InfoNCE warm-up (steps done < infonce_warmup_steps),
+        then ``stage2.mode``."""
+        return "full_batch" if step < self.stage2.infonce_warmup_steps else self.stage2.mode
 
     def embed(self, engine: Any, chunk: dict[str, torch.Tensor]) -> torch.Tensor:
         return engine(**chunk)  # (n_chunk, D) unit rows
