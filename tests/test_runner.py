@@ -1,10 +1,14 @@
 """run_all's pure parts: the summary table and the ablation variants' configs."""
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 
 from pipeline.config import load_config
 from pipeline.runner import ABLATION_VARIANTS, summary_table, variant_config
+
+DEMO = str(pathlib.Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml")
 
 
 def test_summary_table_rows_columns_and_missing_values() -> None:
@@ -29,7 +33,7 @@ def test_summary_table_rows_columns_and_missing_values() -> None:
 
 @pytest.mark.parametrize("name", list(ABLATION_VARIANTS))
 def test_variants_read_the_run_folder_and_change_only_stage2(name: str) -> None:
-    config = load_config("jobs/configs/demo.yaml", ["stage2.mode=full_batch"])
+    config = load_config(DEMO, ["stage2.mode=full_batch"])
     variant = variant_config(config, ABLATION_VARIANTS[name])
     assert variant.run_root == config.run_root and variant.step_dir("stage1") == \
         config.step_dir("stage1")

@@ -332,7 +332,8 @@ SMALL = ["data.demo.num_train_images=12", "data.demo.num_eval_images=8",
          "stage2.init=student", "stage2.global_batch_pairs=8", "stage2.steps=10",
          "stage2.lora_rank=4", "stage2.lora_alpha=8", "stage2.lora_dropout=0.1",
          "stage2.lr=1.0e-3", "stage2.warmup_ratio=0.1", "stage2.mined_negatives=3",
-         "stage2.temperature=0.05", "train.num_workers=2", "train.cpus_per_worker=1",
+         "stage2.temperature=0.05", "stage2.infonce_warmup_steps=0", "train.num_workers=2",
+         "train.cpus_per_worker=1",
          "train.grad_cache_chunk_size=7", "train.checkpoint_every_steps=2",
          "train.log_every_steps=1", "train.seed=0"]
 # The first losses of the uninterrupted run; they change only with the training semantics.
