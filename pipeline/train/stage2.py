@@ -45,7 +45,12 @@ from pipeline.config import Config, ConfigError, Stage2Config
 from pipeline.sharded import complete_input
 from pipeline.train import loop
 from pipeline.train.lora import attach_lora, check_lora_only, train_mode
-from pipeline.train.stage1 import TINY_PREFIX, StudentSource, check_train_and_model
+from pipeline.train.stage1 import (
+    EXPORT_DTYPES,
+    TINY_PREFIX,
+    StudentSource,
+    check_train_and_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +59,6 @@ MINED_STEP = "mine_negatives"
 KIND_QUERY, KIND_POSITIVE, KIND_NEGATIVE, KIND_PADDING = 0, 1, 2, 3
 NUM_PROBE_ROWS = 4
 SMALL_INPUT_BYTES = 256 * 2**20  # mined shards up to this size go through the driver
-EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 STAT_NAMES = ("num_candidates", "dropped_duplicate", "dropped_margin", "dropped_ratio",
               "rows_with_false_negative", "rows_short", "rows_without_negatives",
               "mean_pos_sim", "mean_neg_sim", "mean_margin")
