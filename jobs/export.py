@@ -14,26 +14,14 @@ Outputs:  <export.destination> (default <output_root>/export/model: safetensors,
 """
 from __future__ import annotations
 
-import sys
-
 import _bootstrap  # noqa: F401  (makes `pipeline` importable from a plain checkout)
 
-from pipeline.cli import parse_config
-from pipeline.config import ConfigError
+from pipeline.cli import run_step
 from pipeline.export import STEP, export, format_summary
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(argv, __doc__)
-    try:
-        manifest = export(config)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from err
-    print(format_summary(manifest, config.step_dir(STEP)))
+    run_step(argv, __doc__, step=STEP, run=export, summarize=format_summary, use_ray=False)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import _bootstrap  # noqa: F401  (makes `pipeline` importable from a plain checkout)
 
-from pipeline.cli import parse_config
+from pipeline.cli import run_step
 from pipeline.mine_negatives import STEP, format_summary, mine_negatives
-from pipeline.ray_utils import init_ray
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(argv, __doc__)
-    init_ray(config)
-    print(format_summary(mine_negatives(config), config.step_dir(STEP)))
+    run_step(argv, __doc__, step=STEP, run=mine_negatives, summarize=format_summary)
 
 
 if __name__ == "__main__":

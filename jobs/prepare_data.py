@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import _bootstrap  # noqa: F401  (makes `pipeline` importable from a plain checkout)
 
-from pipeline.cli import parse_config
+from pipeline.cli import run_step
 from pipeline.data.prepare import format_summary, prepare_data
-from pipeline.ray_utils import init_ray
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(argv, __doc__)
-    init_ray(config)
-    manifest = prepare_data(config)
-    print(format_summary(manifest, config.step_dir("prepare_data")))
+    run_step(argv, __doc__, step="prepare_data", run=prepare_data, summarize=format_summary)
 
 
 if __name__ == "__main__":

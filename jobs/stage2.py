@@ -10,26 +10,14 @@ Ablation: stage2.negatives=batch|mined|both, stage2.mode=full_batch, stage2.init
 """
 from __future__ import annotations
 
-import sys
-
 import _bootstrap  # noqa: F401  (makes `pipeline` importable from a plain checkout)
 
-from pipeline.cli import parse_config
-from pipeline.config import ConfigError
-from pipeline.ray_utils import init_ray
+from pipeline.cli import run_step
 from pipeline.train.stage2 import STEP, check_config, format_summary, stage2
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(argv, __doc__)
-    try:
-        check_config(config)  # before Ray starts
-        init_ray(config)
-        manifest = stage2(config)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
-    print(format_summary(manifest, config.step_dir(STEP)))
+    run_step(argv, __doc__, step=STEP, run=stage2, summarize=format_summary, check=check_config)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import _bootstrap  # noqa: F401  (makes `pipeline` importable from a plain checkout)
 
-from pipeline.cli import parse_config
+from pipeline.cli import run_step
 from pipeline.models.teacher_embed import STEP, format_summary, teacher_embed
-from pipeline.ray_utils import init_ray
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(argv, __doc__)
-    init_ray(config)
-    print(format_summary(teacher_embed(config), config.step_dir(STEP)))
+    run_step(argv, __doc__, step=STEP, run=teacher_embed, summarize=format_summary)
 
 
 if __name__ == "__main__":
