@@ -1,12 +1,15 @@
-"""run_all's pure parts: the summary table and the ablation variants' configs."""
+"""run_all's pure parts (the summary table, the ablation variants' configs) and the step
+jobs' shared runner (exit codes and messages)."""
 from __future__ import annotations
 
 import pathlib
 
 import pytest
 
-from pipeline.config import load_config
+from pipeline.cli import run_step
+from pipeline.config import ConfigError, load_config
 from pipeline.runner import ABLATION_VARIANTS, summary_table, variant_config
+from pipeline.storage import IncompleteOutputError
 
 DEMO = str(pathlib.Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml")
 
@@ -42,3 +45,32 @@ def test_variants_read_the_run_folder_and_change_only_stage2(name: str) -> None:
     assert (variant.stage1, variant.mining, variant.data) == (config.stage1, config.mining,
                                                               config.data)
     assert (variant.stage2 == config.stage2) == (variant.config_hash == config.config_hash)
+
+
+@pytest.mark.parametrize("error, status, message", [
+    (ConfigError("stage2.lr: bad"), 2, "config error: stage2.lr: bad"),
+    (IncompleteOutputError("x/mine_negatives has no _manifest.json"), 1,
+     "error: x/mine_negatives has no _manifest.json"),
+    (FileNotFoundError("model.path: /m does not exist"), 1, "error: model.path: /m does not exist"),
+])
+def test_step_jobs_exit_with_one_line_for_bad_config_or_missing_input(
+        error: Exception, status: int, message: str, capsys: pytest.CaptureFixture) -> None:
+    def run(config):
+        raise error
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_step(["--config", DEMO], "doc", step="stage2", run=run,
+                 summarize=lambda manifest, folder: "never", use_ray=False)
+    assert exit_info.value.code == status
+    assert capsys.readouterr().err.strip().splitlines()[-1] == message
+
+
+def test_step_job_prints_its_summary(capsys: pytest.CaptureFixture) -> None:
+    manifest = run_step(["--config", DEMO, "name=x"], "doc", step="stage2",
+                        run=lambda config: {"steps": 3},
+                        summarize=lambda m, folder: f"{m['steps']} steps -> {folder}",
+                        use_ray=False)
+    assert manifest == {"steps": 3}
+    assert capsys.readouterr().out.strip().endswith("3 steps -> runs/x-" +
+                                                    load_config(DEMO, ["name=x"]).config_hash[
+                                                        :10] + "/stage2")
