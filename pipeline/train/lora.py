@@ -40,6 +40,12 @@ def attach_lora(embedder: Any, *, rank: int, alpha: int, dropout: float, include
     return embedder
 
 
+def parameter_counts(module: Any) -> tuple[int, int]:
+    """(trainable, all) parameter elements of ``module``."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
 def train_mode(module: Any, *, vision_frozen: bool) -> None:
     """Train mode for the module; eval mode for a frozen vision tower and projector."""
     from pipeline.models import resolve_path

@@ -46,7 +46,7 @@ from pipeline import storage
 from pipeline.config import Config, ConfigError
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import loop
-from pipeline.train.lora import attach_lora, check_lora_only, train_mode
+from pipeline.train.lora import attach_lora, check_lora_only, parameter_counts, train_mode
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +118,7 @@ class Stage1Spec:
     def build_model(self, ctx: loop.WorkerContext) -> torch.nn.Module:
         embedder = self.load_student(dtype=ctx.dtype, device=ctx.device)
         if ctx.is_rank_zero:
-            n_train = sum(p.numel() for p in embedder.parameters() if p.requires_grad)
-            n_all = sum(p.numel() for p in embedder.parameters())
+            n_train, n_all = parameter_counts(embedder)
             logger.info("stage1 student %s (%s): %d of %d parameters train (LoRA r=%d on the "
                         "language model)", self.student.uri, embedder.spec.family, n_train,
                         n_all, self.stage1.lora_rank)

@@ -44,7 +44,7 @@ from pipeline import storage
 from pipeline.config import Config, ConfigError, Stage2Config
 from pipeline.sharded import complete_input
 from pipeline.train import loop
-from pipeline.train.lora import attach_lora, check_lora_only, train_mode
+from pipeline.train.lora import attach_lora, check_lora_only, parameter_counts, train_mode
 from pipeline.train.stage1 import (
     EXPORT_DTYPES,
     TINY_PREFIX,
@@ -227,8 +227,7 @@ class Stage2Spec:
     def build_model(self, ctx: loop.WorkerContext) -> torch.nn.Module:
         embedder = self.load_model(dtype=ctx.dtype, device=ctx.device)
         if ctx.is_rank_zero:
-            n_train = sum(p.numel() for p in embedder.parameters() if p.requires_grad)
-            n_all = sum(p.numel() for p in embedder.parameters())
+            n_train, n_all = parameter_counts(embedder)
             logger.info("stage2 model %s (%s): %d of %d parameters train (LoRA r=%d, %s)",
                         self.init.uri, embedder.spec.family, n_train, n_all,
                         self.stage2.lora_rank, "whole MLLM" if self.stage2.lora_vision
@@ -249,8 +248,8 @@ class Stage2Spec:
     def make_step(self, ctx: loop.WorkerContext, module: torch.nn.Module,
                   rows: list[PairRow]) -> loop.StepBatch:
         slots = self.negative_slots
-        items, _ = flatten_rows(rows, rank=ctx.rank, negative_slots=slots)
-        num_items = max(loop.all_gather_ints(len(items), ctx))  # same on every rank
+        local_items = 2 * len(rows) + sum(min(len(r.negatives), slots) for r in rows)
+        num_items = max(loop.all_gather_ints(local_items, ctx))  # same on every rank
         items, layout = flatten_rows(rows, rank=ctx.rank, negative_slots=slots,
                                      num_items=num_items)
         global_layout = loop.all_gather_no_grad(torch.from_numpy(layout).to(ctx.device))
