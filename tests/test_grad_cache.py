@@ -239,6 +239,11 @@ def _deepspeed_worker(rank: int, world_size: int, port: int, out_dir: str) -> No
             results[engine_name].append({"params": params, "grads": grads, "loss": loss})
     if rank == 0:
         torch.save(results, Path(out_dir) / "results.pt")
+    # Leave together and close gloo before the process exits: a rank that exits while the
+    # other still holds the connection can die in teardown ("terminate called without an
+    # active exception", SIGABRT), failing the whole fixture.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _run_deepspeed(world_size: int, out_dir: Path) -> dict[str, list[dict[str, Any]]]:
