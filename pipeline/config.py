@@ -293,6 +293,11 @@ class Stage2Config:
     global_batch_pairs: int = _knob(1024, min=2, help="query-positive pairs per optimizer "
                                     "step over all workers (paper: 1024 with GradCache); a "
                                     "multiple of train.num_workers")
+    batching: Literal["mixed", "per_dataset"] = _knob(
+        "mixed", help="what a global batch holds: mixed = pairs of every dataset shuffled "
+        "together; per_dataset = each global batch from one dataset (batches of all datasets "
+        "shuffled together), so in-batch negatives share the query's task and cannot be told "
+        "apart by the instruction alone. Every dataset needs >= global_batch_pairs pairs")
     negatives: Literal["both", "batch", "mined"] = _knob(
         "both", help="hard-negative candidates of a query: the targets of the global batch "
         "(batch, the paper), the row's mined and given negatives (mined), or both")

@@ -321,15 +321,38 @@ def test_bad_settings_fail_before_work(override: str, message: str) -> None:
         check_config(load_config(None, [override, *extra]))
 
 
+def test_pair_keys_and_per_dataset_batch_groups(tmp_path: pathlib.Path) -> None:
+    from pipeline.train.stage2 import batch_groups, pair_keys
+
+    shards = []
+    for part, rows in enumerate([[("b:1", "b"), ("a:0", "a")], [("a:1", "a"), ("b:0", "b")]]):
+        uri = str(tmp_path / f"part-{part}.parquet")
+        storage.write_table(pa.table({"id": [r[0] for r in rows],
+                                      "dataset": [r[1] for r in rows]}), uri)
+        shards.append(uri)
+    keys, datasets = pair_keys(shards)
+    assert keys == ("a:0", "a:1", "b:0", "b:1") and datasets == ("a", "a", "b", "b")
+    config = load_config(None, ["stage2.global_batch_pairs=2", "stage2.batching=per_dataset"])
+    assert batch_groups(config, ("b", "a", "b", "a")) == (1, 0, 1, 0)
+    assert batch_groups(load_config(None, ["stage2.global_batch_pairs=2"]), datasets) == ()
+    with pytest.raises(ConfigError, match=r"c \(1\) have fewer pairs than "
+                                          r"stage2.global_batch_pairs=2"):
+        batch_groups(config, ("a", "a", "c"))
+    with pytest.raises(ValueError, match="duplicate pair id 'b:1'"):
+        pair_keys([shards[0], shards[1], shards[0]])
+
+
 # -- integration: 2 Ray Train workers ------------------------------------------------------------
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "jobs" / "configs" / "demo.yaml")
-# 48 pairs (4 datasets x 12), 8 per step over 2 workers: 6 steps per epoch; chunks of 7 items.
+# 48 pairs (4 datasets x 12), 8 per step over 2 workers, one dataset per batch: 4 steps per
+# epoch (4 pairs per dataset wait for the next epoch); chunks of 7 items.
 SMALL = ["data.demo.num_train_images=12", "data.demo.num_eval_images=8",
          "data.demo.num_nli_groups=40", "data.demo.num_eval_candidates=4",
          "data.demo.image_size_px=32", "data.image_size=16", "data.rows_per_shard=20",
          "ray.progress_bars=false", "mining.num_actors=1", "mining.num_negatives=3",
          "stage2.init=student", "stage2.global_batch_pairs=8", "stage2.steps=10",
+         "stage2.batching=per_dataset",
          "stage2.lora_rank=4", "stage2.lora_alpha=8", "stage2.lora_dropout=0.1",
          "stage2.lr=1.0e-3", "stage2.warmup_ratio=0.1", "stage2.mined_negatives=3",
          "stage2.temperature=0.05", "stage2.infonce_warmup_steps=0", "train.num_workers=2",
@@ -338,7 +361,7 @@ SMALL = ["data.demo.num_train_images=12", "data.demo.num_eval_images=8",
          "train.log_every_steps=1", "train.seed=0"]
 # The first losses of the uninterrupted run; they change only with the training semantics.
 # To regenerate: run this file with PINNED_LOSSES = None and copy the printed values.
-PINNED_LOSSES: list[float] | None = [2.705245018005371, 2.913393497467041, 2.553358554840088]
+PINNED_LOSSES: list[float] | None = [2.5527725219726562, 2.873769760131836, 2.631641387939453]
 
 
 def run_config(root: str, *extra: str) -> Config:
@@ -387,6 +410,7 @@ def test_pinned_losses_and_outputs(full_run: tuple[Config, dict]) -> None:
     np.testing.assert_allclose(losses[:3], PINNED_LOSSES, rtol=1e-4)
     assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_rejected"]) == (48, 48, 0)
     assert manifest["steps"] == 4 and manifest["total_steps"] == 10
+    assert manifest["batching"] == "per_dataset" and manifest["steps_per_epoch"] == 4
     assert manifest["negative_slots"] == 4 and manifest["pairs_used"] == 32
     assert manifest["export_check_min_cosine"] >= 0.9999
     for row in rows:

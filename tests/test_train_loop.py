@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, TrainConfig, load_config
 from pipeline.models.teacher_embed import group_table
 from pipeline.train import loop
 from pipeline.train.checkpoint import FrozenParameterError, frozen_fingerprint, verify_frozen
@@ -122,12 +122,50 @@ def test_epoch_rows_are_this_ranks_slices_and_missing_rows_are_named() -> None:
         loop._load_epoch_rows(fake_ctx(keys, 1), spec, FakeShard([table, table]), order, 0)
 
 
+def loop_settings(num_rows: int, global_batch_rows: int, groups: tuple[int, ...] = ()
+                  ) -> loop.LoopSettings:
+    return loop.LoopSettings(stage="stage2", stage_dir="/tmp/x", train=TrainConfig(num_workers=2),
+                             optim=None, global_batch_rows=global_batch_rows,  # type: ignore[arg-type]
+                             row_keys=tuple(f"k{i:03d}" for i in range(num_rows)),
+                             precision="fp32", use_gpu=False, row_groups=groups)
+
+
 def test_rows_used_counts_distinct_rows() -> None:
-    settings = SimpleNamespace(steps_per_epoch=3, global_batch_rows=4,
-                               train=SimpleNamespace(seed=0))
+    settings = loop_settings(13, 4)
+    assert settings.steps_per_epoch == 3
     assert loop.rows_used(13, settings, 2) == 8      # first epoch: all distinct
     assert loop.rows_used(13, settings, 3) == 12     # one group dropped by drop-last
     assert 12 <= loop.rows_used(13, settings, 6) <= 13
+
+
+def test_grouped_epoch_order_makes_single_group_batches() -> None:
+    rng = np.random.default_rng(5)
+    groups = tuple(int(g) for g in rng.integers(0, 3, size=50))  # sizes vary by group
+    sizes = np.bincount(groups)
+    settings = loop_settings(50, 4, groups)
+    assert settings.steps_per_epoch == int((sizes // 4).sum())
+    for epoch in range(3):
+        order = settings.epoch_order(epoch)
+        assert len(order) == settings.steps_per_epoch * 4
+        assert len(set(order.tolist())) == len(order)            # no row twice in an epoch
+        batches = order.reshape(-1, 4)
+        assert all(len({groups[p] for p in batch}) == 1 for batch in batches)
+        per_group = np.bincount([groups[b[0]] for b in batches], minlength=3)
+        np.testing.assert_array_equal(per_group, sizes // 4)     # every whole batch, once
+        np.testing.assert_array_equal(order, settings.epoch_order(epoch))  # seeded
+    assert not np.array_equal(settings.epoch_order(0), settings.epoch_order(1))
+    # batches of different groups are interleaved, not one group after another
+    first = [groups[b[0]] for b in settings.epoch_order(0).reshape(-1, 4)]
+    assert sum(a != b for a, b in zip(first, first[1:])) > len(sizes) - 1
+    assert loop.rows_used(50, settings, 4 * settings.steps_per_epoch) > len(order)
+
+
+def test_grouped_steps_per_epoch_errors() -> None:
+    with pytest.raises(ValueError, match="largest group: 3 rows"):
+        loop.steps_per_epoch(6, 4, 2, groups=(0, 0, 0, 1, 1, 1))
+    with pytest.raises(ValueError, match="5 row groups for 6 rows"):
+        loop.steps_per_epoch(6, 2, 2, groups=(0, 0, 0, 1, 1))
+    assert loop.steps_per_epoch(7, 2, 2, groups=(0, 0, 0, 1, 1, 1, 2)) == 2
 
 
 # -- frozen guards ---------------------------------------------------------------------------------

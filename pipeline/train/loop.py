@@ -101,11 +101,17 @@ class LoopSettings:
     use_gpu: bool
     log_level: str = "INFO"
     sample_unit: str = "samples"  # what samples/s counts, e.g. "texts"
+    row_groups: tuple[int, ...] = ()  # per row key: its group (e.g. dataset); () = one group
 
     @property
     def steps_per_epoch(self) -> int:
         return steps_per_epoch(len(self.row_keys), self.global_batch_rows,
-                               self.train.num_workers)
+                               self.train.num_workers, groups=self.row_groups)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Epoch ``epoch``'s visiting order (see :func:`epoch_order`)."""
+        return epoch_order(len(self.row_keys), self.train.seed, epoch, groups=self.row_groups,
+                           global_batch_rows=self.global_batch_rows)
 
     @property
     def total_steps(self) -> int:
@@ -211,22 +217,50 @@ def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: s
 
 
 # -- data order ----------------------------------------------------------------------------------
-def steps_per_epoch(num_rows: int, global_batch_rows: int, world_size: int) -> int:
-    """Full global batches per epoch (drop last); errors name the config keys."""
+def steps_per_epoch(num_rows: int, global_batch_rows: int, world_size: int, *,
+                    groups: Sequence[int] = ()) -> int:
+    """Full global batches per epoch (drop last; with ``groups``, within each group);
+    errors name the config keys."""
     if global_batch_rows % world_size:
         raise ValueError(f"the global batch of {global_batch_rows} rows does not split into "
                          f"{world_size} equal worker slices: make the stage's global batch "
                          f"a multiple of train.num_workers")
-    steps = num_rows // global_batch_rows
+    if len(groups) and len(groups) != num_rows:
+        raise ValueError(f"{len(groups)} row groups for {num_rows} rows")
+    sizes = np.bincount(np.asarray(groups, dtype=np.int64)) if len(groups) else [num_rows]
+    steps = sum(int(size) // global_batch_rows for size in sizes)
     if steps == 0:
-        raise ValueError(f"{num_rows} input rows are fewer than one global batch of "
+        where = f" (largest group: {max(sizes)} rows)" if len(groups) else ""
+        raise ValueError(f"{num_rows} input rows{where} are fewer than one global batch of "
                          f"{global_batch_rows}: lower the stage's global batch")
     return steps
 
 
-def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
-    """(num_rows,) positions into the sorted keys, in epoch ``epoch``'s visiting order."""
-    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+def epoch_order(num_rows: int, seed: int, epoch: int, *, groups: Sequence[int] = (),
+                global_batch_rows: int = 0) -> np.ndarray:
+    """Positions into the sorted keys in epoch ``epoch``'s visiting order: global batch
+    ``b`` is ``order[b*G:(b+1)*G]``.
+
+    Without ``groups``: a permutation of every row (the last partial batch is never
+    reached). With ``groups`` (one int per row, e.g. its dataset) every global batch holds
+    one group's rows: each group is shuffled and cut into whole batches (its remainder
+    waits for the next epoch's shuffle), then the batches of all groups are shuffled
+    together. Only the complete batches are returned.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    if not len(groups):
+        return rng.permutation(num_rows)
+    if global_batch_rows <= 0:
+        raise ValueError("grouped batches need global_batch_rows > 0")
+    labels = np.asarray(groups, dtype=np.int64)  # (num_rows,)
+    batches = []
+    for group in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == group))
+        whole = len(members) // global_batch_rows * global_batch_rows
+        batches.extend(members[:whole].reshape(-1, global_batch_rows))
+    if not batches:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([batches[i] for i in rng.permutation(len(batches))])
 
 
 def local_positions(order: np.ndarray, step_in_epoch: int, rank: int, *,
@@ -478,7 +512,7 @@ def run_worker(ctx: WorkerContext, spec: StageSpec, shard: Any, checkpoint: Any,
     spec.set_train_mode(engine.module)
     while state.step < settings.stop_step:
         state.epoch, start = divmod(state.step, settings.steps_per_epoch)
-        order = epoch_order(len(settings.row_keys), settings.train.seed, state.epoch)
+        order = settings.epoch_order(state.epoch)
         batches, missing = _load_epoch_rows(ctx, spec, shard, order, start)
         steps = steps_per_rank(all_gather_ints(len(batches), ctx))
         if steps < settings.steps_per_epoch - start:
@@ -610,8 +644,8 @@ def optim_settings(knobs: dict[str, Any], *, scheduled_steps: int = 0) -> OptimS
 
 
 def build_settings(config: Config, *, stage: str, folder: str, keys: tuple[str, ...],
-                   optim: OptimSettings, global_batch_rows: int,
-                   sample_unit: str) -> LoopSettings:
+                   optim: OptimSettings, global_batch_rows: int, sample_unit: str,
+                   row_groups: tuple[int, ...] = ()) -> LoopSettings:
     """A stage's loop settings (resolves GPU use and precision; errors name the key)."""
     from pipeline.config import ConfigError
 
@@ -623,7 +657,7 @@ def build_settings(config: Config, *, stage: str, folder: str, keys: tuple[str, 
     return LoopSettings(stage=stage, stage_dir=absolute_uri(folder), train=config.train,
                         optim=optim, global_batch_rows=global_batch_rows, row_keys=keys,
                         precision=precision, use_gpu=use_gpu, log_level=config.log_level,
-                        sample_unit=sample_unit)
+                        sample_unit=sample_unit, row_groups=row_groups)
 
 
 def finished_run(config_hash: str, folder: str, target_steps: int,
@@ -652,7 +686,7 @@ def rows_used(num_rows: int, settings: LoopSettings, steps: int) -> int:
     used = np.zeros(num_rows, dtype=bool)
     per_epoch = settings.steps_per_epoch
     for epoch in range(-(-steps // per_epoch)):
-        order = epoch_order(num_rows, settings.train.seed, epoch)
+        order = settings.epoch_order(epoch)
         used[order[:min(per_epoch, steps - epoch * per_epoch) * settings.global_batch_rows]] = True
     return int(used.sum())
 

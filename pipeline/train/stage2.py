@@ -22,6 +22,12 @@ batch's targets and/or the row's carried negatives, same-content masking, the
 false-negative filter, top-k without gradient through the choice, InfoNCE at tau. With
 the gradient cache the flat item list is chunked as it is (chunks may straddle the parts).
 
+Batches (``stage2.batching``): ``mixed`` shuffles the pairs of every dataset together;
+``per_dataset`` draws each global batch from one dataset (the loop's grouped epoch order),
+so a query's in-batch negatives are targets of its own task. In a mixed batch most of them
+differ from the positive in task format already, and a model can score well on them by
+reading the instruction alone, never the image.
+
 Outputs under ``<run_root>/stage2/`` as in stage 1: ``ray/`` (checkpoints, resume),
 ``adapter/``, ``model/`` (merged, prompt mode ``instruction`` recorded), ``metrics.jsonl``
 (with the per-step hard-negative statistics), ``curves.png``, ``tensorboard/``,
@@ -29,6 +35,7 @@ Outputs under ``<run_root>/stage2/`` as in stage 1: ``ray/`` (checkpoints, resum
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -332,14 +339,35 @@ def resolve_init(config: Config) -> StudentSource:
     return StudentSource(loop.absolute_uri(uri), model.family, model.trust_remote_code)
 
 
-def pair_keys(shards: list[str]) -> tuple[str, ...]:
-    """Sorted pair ids of the mined shards (unique)."""
-    ids = [i for uri in shards for i in storage.read_table(uri, columns=["id"]).column(
-        "id").to_pylist()]
-    keys = tuple(sorted(set(ids)))
-    if len(keys) != len(ids):
-        raise ValueError("duplicate pair ids in the mine_negatives shards")
-    return keys
+def pair_keys(shards: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Sorted pair ids of the mined shards (unique) and each one's dataset."""
+    dataset_of: dict[str, str] = {}
+    for uri in shards:
+        table = storage.read_table(uri, columns=["id", "dataset"])
+        for pair_id, dataset in zip(table.column("id").to_pylist(),
+                                    table.column("dataset").to_pylist(), strict=True):
+            if pair_id in dataset_of:
+                raise ValueError(f"duplicate pair id {pair_id!r} in the mine_negatives shards")
+            dataset_of[pair_id] = dataset
+    keys = tuple(sorted(dataset_of))
+    return keys, tuple(dataset_of[key] for key in keys)
+
+
+def batch_groups(config: Config, datasets: tuple[str, ...]) -> tuple[int, ...]:
+    """Per pair: its batch group (``stage2.batching``); () = one mixed group. A dataset
+    with fewer pairs than a global batch would never be trained on: an error names it."""
+    if config.stage2.batching == "mixed":
+        return ()
+    names = sorted(set(datasets))
+    counts = collections.Counter(datasets)
+    size = config.stage2.global_batch_pairs
+    small = [f"{name} ({counts[name]})" for name in names if counts[name] < size]
+    if small:
+        raise ConfigError(f"stage2.batching=per_dataset: {', '.join(small)} have fewer pairs "
+                          f"than stage2.global_batch_pairs={size} and would never be trained "
+                          "on; lower the batch or use stage2.batching=mixed")
+    index = {name: i for i, name in enumerate(names)}
+    return tuple(index[name] for name in datasets)
 
 
 def probe_rows(shards: list[str]) -> list[PairRow]:
@@ -376,7 +404,7 @@ def stage2(config: Config, folder: str | None = None) -> dict[str, Any]:
     num_pairs = mined_manifest["rows_out"]
     check_config(config, num_pairs)
     init = resolve_init(config)
-    keys = pair_keys(shards)
+    keys, datasets = pair_keys(shards)
     if len(keys) != num_pairs:
         raise storage.StorageError(f"{mined_folder}: the manifest counts {num_pairs} pairs "
                                    f"but the shards hold {len(keys)}")
@@ -385,7 +413,8 @@ def stage2(config: Config, folder: str | None = None) -> dict[str, Any]:
         config, stage=STEP, folder=folder, keys=keys,
         optim=loop.optim_settings(dataclasses.asdict(config.stage2),
                                 scheduled_steps=stage2_cfg.steps),
-        global_batch_rows=stage2_cfg.global_batch_pairs, sample_unit="items")
+        global_batch_rows=stage2_cfg.global_batch_pairs, sample_unit="items",
+        row_groups=batch_groups(config, datasets))
     done = loop.finished_run(config.config_hash, folder, settings.stop_step, STEP)
     if done is not None:
         return done
@@ -396,7 +425,8 @@ def stage2(config: Config, folder: str | None = None) -> dict[str, Any]:
     return storage.write_manifest(folder, {
         "rows_in": num_pairs, "rows_out": num_pairs, "rows_rejected": 0,
         "rejects_by_reason": {}, "pairs_used": used, "pairs_never_used": num_pairs - used,
-        "global_batch_pairs": settings.global_batch_rows, "negative_slots": spec.negative_slots,
+        "global_batch_pairs": settings.global_batch_rows, "batching": stage2_cfg.batching,
+        "steps_per_epoch": settings.steps_per_epoch, "negative_slots": spec.negative_slots,
         "config_hash": config.config_hash, "seconds": round(time.perf_counter() - start, 3),
         **summary,
         "hard_negatives": hard_negative_summary(settings.stage_dir),
