@@ -134,7 +134,7 @@ def test_float32_export_round_trip_card_and_manifest(base_run, tmp_path, monkeyp
                      "Embedder.from_pretrained", "last token", "left padding",
                      "stage1: 7 steps, loss 40.5000 -> 12.0000",
                      "stage2: 7 steps, loss 3.0000 -> 1.2500", "**stage2** (this model)",
-                     f"{MMEB_MEAN:.2f}", "`stage2`: epochs=1", "init=stage1"):
+                     f"{MMEB_MEAN:.2f}", "`stage2`: batching=mixed, epochs=1", "init=stage1"):
         assert expected in card, expected
     assert "dsA" not in card  # headline metrics only
     summary = format_summary(manifest, config.step_dir("export"))
