@@ -195,6 +195,20 @@ def test_global_loss_matches_the_reference(knobs: dict) -> None:
                 items_text[position]].grad, rtol=1e-6, atol=1e-9)
 
 
+def test_global_loss_negatives_override() -> None:
+    """``negatives="batch"`` (the warm-up's) ignores the carried negatives of the layout."""
+    rows, emb, layout, _ = two_rank_batch(seed=1, slots=3)
+    knobs = ["stage2.mode=full_batch", "stage2.temperature=0.05"]
+    both = load_config(None, ["stage2.negatives=both", *knobs]).stage2
+    batch = load_config(None, ["stage2.negatives=batch", *knobs]).stage2
+    common = dict(layout=layout, num_rows=len(rows))
+    overridden = global_loss(emb, negative_slots=3, stage2=both, negatives="batch", **common)
+    expected = global_loss(emb, negative_slots=0, stage2=batch, **common)
+    with_negatives = global_loss(emb, negative_slots=3, stage2=both, **common)
+    assert float(overridden) == pytest.approx(float(expected), rel=1e-12)
+    assert float(with_negatives) > float(expected) + 0.1
+
+
 def test_rows_out_of_order_are_refused() -> None:
     rows, emb, layout, _ = two_rank_batch(seed=0, slots=2)
     config = load_config(None, [])
@@ -306,19 +320,52 @@ def test_infonce_warmup_switches_the_loss_mode(tiny_source: StudentSource) -> No
     spec, _ = spec_for(tiny_source, 0, "stage2.infonce_warmup_steps=3")
     assert [spec.loss_mode(step) for step in range(5)] == ["full_batch"] * 3 + [
         "hard_negative"] * 2
+    assert [spec.negatives_at(step) for step in (0, 3)] == ["both", "both"]
     spec, _ = spec_for(tiny_source, 0)
     assert spec.loss_mode(0) == "hard_negative"
+    spec, _ = spec_for(tiny_source, 0, "stage2.infonce_warmup_steps=3",
+                       "stage2.infonce_warmup_negatives=batch")
+    assert [spec.negatives_at(step) for step in range(5)] == ["batch"] * 3 + ["both"] * 2
+    assert [spec.slots_for(spec.negatives_at(step)) for step in (2, 3)] == [0, 3]
+    assert spec.negative_slots == 3
+
+
+def test_warmup_on_batch_negatives_embeds_no_carried_negatives(
+        tiny_source: StudentSource) -> None:
+    """During a ``batch`` warm-up a step embeds queries and positives only, and its loss is
+    the in-batch InfoNCE of a ``negatives=batch`` run on the same rows."""
+    rows = real_rows()
+    losses = {}
+    for name, extra in (("warmup", ["stage2.infonce_warmup_steps=1",
+                                     "stage2.infonce_warmup_negatives=batch"]),
+                        ("batch_run", ["stage2.mode=full_batch", "stage2.negatives=batch"])):
+        spec, _ = spec_for(tiny_source, 0, *extra)
+        ctx = loop.WorkerContext(settings=spec.settings, rank=0, world_size=1,
+                                 device=torch.device("cpu"))
+        module = spec.build_model(ctx)
+        batch = spec.make_step(ctx, module, rows)
+        assert batch.num_samples == 2 * len(rows)  # no negative embedded
+        assert batch.chunks[0]["input_ids"].shape[0] == 2 * len(rows)
+        losses[name] = float(full_batch_backward(
+            KwargsEngine(module), batch.chunks[0],
+            lambda chunk, module=module, spec=spec: spec.embed(KwargsEngine(module), chunk),
+            batch.loss_fn))
+        assert batch.metrics["hn_full_batch"] == 1.0
+        assert batch.metrics["hn_num_candidates"] == len(rows) * (len(rows) - 1)
+    assert losses["warmup"] == pytest.approx(losses["batch_run"], rel=1e-6)
 
 
 @pytest.mark.parametrize("override, message", [
     ("stage2.global_batch_pairs=3", "multiple of train.num_workers"),
-    ("stage2.mined_negatives=0", "needs stage2.mined_negatives"),
+    ("stage2.mined_negatives=0", "negatives=both needs stage2.mined_negatives"),
+    ("stage2.negatives=batch stage2.infonce_warmup_negatives=mined stage2.mined_negatives=0",
+     "infonce_warmup_negatives=mined needs"),
     ("stage2.init=", "stage2.init is empty"),
 ])
 def test_bad_settings_fail_before_work(override: str, message: str) -> None:
     extra = ["stage2.given_negatives=0"] if "mined_negatives" in override else []
     with pytest.raises(ConfigError, match=message):
-        check_config(load_config(None, [override, *extra]))
+        check_config(load_config(None, [*override.split(), *extra]))
 
 
 def test_pair_keys_and_per_dataset_batch_groups(tmp_path: pathlib.Path) -> None:

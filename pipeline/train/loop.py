@@ -536,7 +536,7 @@ def run_worker(ctx: WorkerContext, spec: StageSpec, shard: Any, checkpoint: Any,
             if metrics is not None:
                 metrics.log(row)
                 if checkpoint_now or state.step % settings.train.log_every_steps == 0:
-                    metrics.flush()
+                    metrics.flush(plot=checkpoint_now)
             if checkpoint_now:
                 ckpt.save_checkpoint(engine, state, rank=ctx.rank, report=report, metrics=row)
     frozen_checked = ckpt.verify_frozen(engine.module, frozen)

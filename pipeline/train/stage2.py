@@ -28,6 +28,10 @@ so a query's in-batch negatives are targets of its own task. In a mixed batch mo
 differ from the positive in task format already, and a model can score well on them by
 reading the instruction alone, never the image.
 
+InfoNCE warm-up (``stage2.infonce_warmup_steps``, 0 in the paper): the first steps train
+with ``full_batch`` over ``stage2.infonce_warmup_negatives``; with ``batch`` a warm-up step
+flattens and embeds queries and positives only (M = 0 for that step).
+
 Outputs under ``<run_root>/stage2/`` as in stage 1: ``ray/`` (checkpoints, resume),
 ``adapter/``, ``model/`` (merged, prompt mode ``instruction`` recorded), ``metrics.jsonl``
 (with the per-step hard-negative statistics), ``curves.png``, ``tensorboard/``,
@@ -155,13 +159,14 @@ def flatten_rows(rows: list[PairRow], *, rank: int, negative_slots: int,
 
 def global_loss(global_emb: torch.Tensor, *, layout: torch.Tensor, num_rows: int,
                 negative_slots: int, stage2: Stage2Config, mode: str | None = None,
+                negatives: str | None = None,
                 metrics: dict[str, float] | None = None) -> torch.Tensor:
     """The stage-2 loss of a gathered global batch (see the module docstring).
 
     ``global_emb`` (N, D) with the local shard in the graph, ``layout`` (N, 4) the gathered
     item table, ``num_rows`` = B, ``negative_slots`` = M (0 = in-batch negatives only).
-    ``mode`` overrides ``stage2.mode`` (the InfoNCE warm-up). Per-step statistics go into
-    ``metrics`` (``hn_*``)."""
+    ``mode`` and ``negatives`` override ``stage2.mode`` and ``stage2.negatives`` (the
+    InfoNCE warm-up). Per-step statistics go into ``metrics`` (``hn_*``)."""
     from pipeline.losses import hard_negative_loss
 
     kind, row, slot, key = layout.to(global_emb.device).unbind(1)  # (N,) each
@@ -170,8 +175,9 @@ def global_loss(global_emb: torch.Tensor, *, layout: torch.Tensor, num_rows: int
     if not (torch.equal(row[is_query], expected) and torch.equal(row[is_positive], expected)):
         raise RuntimeError("stage 2: gathered queries/positives are not in global row order")
     q_emb, pos_emb = global_emb[is_query], global_emb[is_positive]  # (B, D), (B, D)
+    negatives = negatives or stage2.negatives
     neg = {}
-    if negative_slots and stage2.negatives != "batch":
+    if negative_slots and negatives != "batch":
         idx = (kind == KIND_NEGATIVE).nonzero().squeeze(1)  # (n_neg,)
         where = (row[idx], slot[idx])
         dim = global_emb.shape[1]
@@ -182,7 +188,7 @@ def global_loss(global_emb: torch.Tensor, *, layout: torch.Tensor, num_rows: int
         neg["neg_valid"] = torch.zeros(num_rows, negative_slots, dtype=torch.bool,
                                        device=row.device).index_put(
             where, torch.ones_like(idx, dtype=torch.bool))  # (B, M)
-    negatives = stage2.negatives if neg else "batch"
+    negatives = negatives if neg else "batch"
     loss, stats = hard_negative_loss(
         q_emb, pos_emb, pos_keys=key[is_positive], negatives=negatives,
         num_hard_negatives=stage2.num_hard_negatives, temperature=stage2.temperature,
@@ -213,8 +219,13 @@ class Stage2Spec:
 
     @property
     def negative_slots(self) -> int:
-        """M: negatives carried per row into the loss (0 for in-batch negatives only)."""
-        if self.stage2.negatives == "batch":
+        """M: negatives carried per row into the loss after the warm-up (0 for in-batch
+        negatives only)."""
+        return self.slots_for(self.stage2.negatives)
+
+    def slots_for(self, negatives: str) -> int:
+        """M of a candidate source: 0 for ``batch`` (no negatives embedded), else all."""
+        if negatives == "batch":
             return 0
         return self.stage2.mined_negatives + self.stage2.given_negatives
 
@@ -254,7 +265,8 @@ class Stage2Spec:
 
     def make_step(self, ctx: loop.WorkerContext, module: torch.nn.Module,
                   rows: list[PairRow]) -> loop.StepBatch:
-        slots = self.negative_slots
+        mode, negatives = self.loss_mode(ctx.step), self.negatives_at(ctx.step)
+        slots = self.slots_for(negatives)
         local_items = 2 * len(rows) + sum(min(len(r.negatives), slots) for r in rows)
         num_items = max(loop.all_gather_ints(local_items, ctx))  # same on every rank
         items, layout = flatten_rows(rows, rank=ctx.rank, negative_slots=slots,
@@ -266,7 +278,7 @@ class Stage2Spec:
         metrics: dict[str, float] = {}
         loss_fn = functools.partial(global_loss, layout=global_layout,
                                     num_rows=len(rows) * ctx.world_size, negative_slots=slots,
-                                    stage2=self.stage2, mode=self.loss_mode(ctx.step),
+                                    stage2=self.stage2, mode=mode, negatives=negatives,
                                     metrics=metrics)
         tokens = sum(int(chunk["attention_mask"].sum()) for chunk in chunks)
         real = int((layout[:, 0] != KIND_PADDING).sum())
@@ -277,6 +289,14 @@ class Stage2Spec:
         """``full_batch`` during the InfoNCE warm-up (steps done < infonce_warmup_steps),
         then ``stage2.mode``."""
         return "full_batch" if step < self.stage2.infonce_warmup_steps else self.stage2.mode
+
+    def negatives_at(self, step: int) -> str:
+        """The candidate source at ``step``: ``infonce_warmup_negatives`` during the
+        warm-up unless it is ``same``, else ``stage2.negatives``."""
+        warmup = self.stage2.infonce_warmup_negatives
+        if step < self.stage2.infonce_warmup_steps and warmup != "same":
+            return warmup
+        return self.stage2.negatives
 
     def embed(self, engine: Any, chunk: dict[str, torch.Tensor]) -> torch.Tensor:
         return engine(**chunk)  # (n_chunk, D) unit rows
@@ -302,9 +322,11 @@ def check_config(config: Config, num_pairs: int | None = None) -> None:
     loop.check_global_batch("stage2.global_batch_pairs", stage2.global_batch_pairs,
                             config.train.num_workers, num_pairs,
                             "pairs of the mine_negatives step")
-    if stage2.negatives != "batch" and stage2.mined_negatives + stage2.given_negatives == 0:
-        raise ConfigError(f"stage2.negatives={stage2.negatives} needs stage2.mined_negatives "
-                          "or stage2.given_negatives > 0")
+    for key, negatives in (("negatives", stage2.negatives),
+                           ("infonce_warmup_negatives", stage2.infonce_warmup_negatives)):
+        if negatives in ("mined", "both") and stage2.mined_negatives + stage2.given_negatives == 0:
+            raise ConfigError(f"stage2.{key}={negatives} needs stage2.mined_negatives or "
+                              "stage2.given_negatives > 0")
     if stage2.fn_ratio is not None and stage2.fn_ratio <= 0:
         raise ConfigError(f"stage2.fn_ratio={stage2.fn_ratio} must be > 0 (or null)")
     if not stage2.init:
