@@ -311,8 +311,8 @@ class Stage2Config:
                                       "every embedding onto one point (loss ln(k+1))")
     infonce_warmup_negatives: Literal["same", "batch", "mined", "both"] = _knob(
         "same", help="candidates during the InfoNCE warm-up: same = stage2.negatives; batch "
-        "= the batch's targets only, which also skips embedding the carried negatives (about "
-        "4x cheaper steps when they are images)")
+        "= the batch's targets only, which also skips embedding the carried negatives (the "
+        "demo's steps take about half the time: its t2i rows carry negative images)")
     num_hard_negatives: int = _knob(8, min=1, help="k hard negatives per query (paper: 8)")
     mined_negatives: int = _knob(8, min=0, help="mined negatives carried per row from the "
                                  "mine_negatives table (the first ones, best first)")
