@@ -6,13 +6,15 @@ tested against plain float64 references.
 
 - Stage 1, textual discriminative knowledge distillation: :func:`distillation_loss`.
 - Stage 2, hard-negative enhanced instruction tuning: :func:`hard_negative_loss` (with
-  :func:`select_hard_negatives`), and :func:`split_global` for the gathered layout.
+  :func:`select_hard_negatives`), and its false-negative rule :func:`exceeds_fn_margin` /
+  :func:`exceeds_fn_ratio`, written with operators only so that the offline miner
+  (:mod:`pipeline.mining.filters`) applies the very same functions to numpy arrays.
 - Global batches across data-parallel ranks: :func:`all_gather_with_grad`.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal, get_args
+from typing import Literal, TypeVar, get_args
 
 import torch
 import torch.distributed as dist
@@ -159,39 +161,49 @@ class HardNegativeStats:
         return asdict(self)
 
 
-def split_global(global_emb: Tensor, *, world_size: int, num_queries: int, num_positives: int,
-                 num_negative_rows: int, negatives_per_row: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Undo the per-rank layout of a gathered stage-2 batch: ``cat_r [q_r; pos_r; neg_r]``.
+# The false-negative rule, shared with the offline miner: plain operators only (no torch.where,
+# no np.where), so the same two functions decide on torch tensors here and on numpy arrays in
+# pipeline.mining.filters, bit for bit.
+Scores = TypeVar("Scores")  # a float64 torch tensor or numpy array
+_FLOAT64 = ("float64", "torch.float64")  # str(dtype) of numpy's and torch's float64
 
-    Every rank r embeds ONE flat list ``[q_r (num_queries); pos_r (num_positives);
-    neg_r (num_negative_rows * negatives_per_row, row-major: the M negatives of its
-    first row, then of its second, ...)]``, and the gather concatenates these lists in
-    rank order (:func:`all_gather_with_grad`). With the gradient cache, chunk that flat
-    list (``split_batch(items, chunk_size)``; chunks may straddle q/pos/neg), not the
-    rows: the cache concatenates the chunks' embeddings in order, which restores it.
 
-    Works on any trailing shape, so gathered keys (N,) or validity masks split the same
-    way. Returns ``q`` (W * num_queries, ...), ``pos`` (W * num_positives, ...) and
-    ``neg`` (W * num_negative_rows, negatives_per_row, ...), each in rank order, so with
-    equal local counts row i of the three is the same global example. Views and
-    reshapes only: gradients flow back into ``global_emb``.
+def exceeds_fn_margin(scores: Scores, pos_scores: Scores, fn_margin: float) -> Scores:
+    """UniME's false-negative margin (beta): the bool mask ``scores > pos_scores + fn_margin``.
+
+    ``scores`` (Q, C) and ``pos_scores`` (Q, 1): float64 torch tensors or numpy arrays
+    (float32 raises: it rounds ``pos + fn_margin`` differently, e.g. pos 0.7f, sim 0.8f,
+    margin 0.1 is over the margin in float64 but a tie in float32). Strict ``>``: a score
+    exactly at ``pos + fn_margin`` is kept. NaN is never over a threshold (any comparison
+    with NaN is false): a NaN score is kept and a NaN positive score drops nothing in its
+    row. The rule is no NaN filter: :func:`pipeline.mining.filters.select_negatives`
+    rejects NaN scores up front, :func:`hard_negative_loss` lets a NaN cosine reach the loss.
     """
-    counts = (world_size, num_queries, num_positives, num_negative_rows, negatives_per_row)
-    if world_size < 1 or min(counts) < 0:
-        raise ValueError(f"bad layout (world_size, num_queries, num_positives, "
-                         f"num_negative_rows, negatives_per_row) = {counts}")
-    per_rank = num_queries + num_positives + num_negative_rows * negatives_per_row
-    if global_emb.shape[0] != world_size * per_rank:
-        raise ValueError(f"global batch has {global_emb.shape[0]} rows, the layout {counts} "
-                         f"needs {world_size} x {per_rank}")
-    rest = global_emb.shape[1:]
-    ranks = global_emb.reshape(world_size, per_rank, *rest)  # (W, per_rank, ...)
-    end_pos = num_queries + num_positives
-    q = ranks[:, :num_queries].reshape(world_size * num_queries, *rest)  # (W * n_q, ...)
-    pos = ranks[:, num_queries:end_pos].reshape(world_size * num_positives, *rest)  # (W*n_p, ...)
-    neg = ranks[:, end_pos:].reshape(world_size * num_negative_rows, negatives_per_row,
-                                     *rest)  # (W * n_rows, M, ...)
-    return q, pos, neg
+    _require_float64(scores, pos_scores)
+    return scores > pos_scores + fn_margin  # (Q, C)
+
+
+def exceeds_fn_ratio(scores: Scores, pos_scores: Scores, fn_ratio: float) -> Scores:
+    """Positive-aware false-negative ratio (NV-Retriever): the bool mask ``scores > t`` with
+    ``t = fn_ratio * pos`` for ``pos >= 0`` and ``t = (2 - fn_ratio) * pos`` for ``pos < 0``.
+
+    The mirrored threshold (= ``pos - |pos| * (1 - fn_ratio)`` in exact arithmetic) stays
+    below a negative positive score, as sentence-transformers' ``relative_margin``; -0.0
+    counts as ``>= 0``. Inputs, strict ``>`` and NaN as in :func:`exceeds_fn_margin`.
+    """
+    _require_float64(scores, pos_scores)
+    non_negative = pos_scores >= 0  # (Q, 1) False for NaN
+    over_scaled = scores > fn_ratio * pos_scores  # (Q, C)
+    over_mirrored = scores > (2.0 - fn_ratio) * pos_scores  # (Q, C)
+    return (non_negative & over_scaled) | (~non_negative & over_mirrored)  # (Q, C)
+
+
+def _require_float64(*arrays: Scores) -> None:
+    """The rule compares in float64 only, so both callers round alike."""
+    for array in arrays:
+        if str(array.dtype) not in _FLOAT64:
+            raise TypeError(f"the false-negative rule compares in float64, got {array.dtype}; "
+                            "cast first (.double() / .astype(np.float64))")
 
 
 def select_hard_negatives(scores: Tensor, keep: Tensor,
@@ -249,11 +261,12 @@ def hard_negative_loss(
       (``neg_valid`` False) are no candidates (their content is zeroed first, so even
       NaN padding cannot leak). ``pos_keys=None`` turns the key mask off.
     - False-negative filter, strict ``>`` (a candidate exactly at a threshold is kept),
-      compared in float64 like the offline miner: ``fn_margin`` (UniME beta, 0.1) drops
-      ``s > s+ + fn_margin``; ``fn_ratio`` (positive-aware, e.g. 0.95) drops
+      compared in float64 like the offline miner, which calls the same two functions
+      (:func:`exceeds_fn_margin`, :func:`exceeds_fn_ratio`): ``fn_margin`` (UniME beta,
+      0.1) drops ``s > s+ + fn_margin``; ``fn_ratio`` (positive-aware, e.g. 0.95) drops
       ``s > fn_ratio * s+`` for ``s+ >= 0`` and ``s > (2 - fn_ratio) * s+`` for
-      ``s+ < 0`` (the threshold mirrored so it stays below the positive, as in
-      :mod:`pipeline.mining.filters`). None = off.
+      ``s+ < 0`` (the threshold mirrored so it stays below the positive). None = off.
+      NaN is never over a threshold: a NaN cosine is not dropped (it reaches the loss).
     - Selection: the k = ``num_hard_negatives`` highest remaining cosines, chosen on
       detached scores (:func:`select_hard_negatives`); the chosen cosines keep their
       gradient. Fewer than k left: repeated cyclically in rank order (the paper; a
@@ -348,21 +361,20 @@ def _false_negative_drops(sims: Tensor, pos_sim: Tensor, is_candidate: Tensor,
                           same_key: Tensor, *, fn_margin: float | None,
                           fn_ratio: float | None) -> dict[str, Tensor]:
     """Disjoint (B, C) masks: each candidate is dropped by the first of duplicate ->
-    margin -> ratio that hits it, or ``kept``. Thresholds strict ``>``, in float64."""
+    margin -> ratio that hits it, or ``kept``. Margin and ratio are the shared rule
+    (:func:`exceeds_fn_margin`, :func:`exceeds_fn_ratio`), compared in float64."""
     with torch.no_grad():
         scores = sims.detach().double()  # (B, C)
         pos = pos_sim.detach().double()[:, None]  # (B, 1)
         never = torch.zeros_like(is_candidate)  # (B, C)
         duplicate = is_candidate & same_key  # (B, C)
         alive = is_candidate & ~same_key  # (B, C)
-        over_margin = never if fn_margin is None else scores > pos + fn_margin  # (B, C)
+        over_margin = (never if fn_margin is None
+                       else exceeds_fn_margin(scores, pos, fn_margin))  # (B, C)
         margin = alive & over_margin  # (B, C)
         alive = alive & ~margin  # (B, C)
-        if fn_ratio is None:
-            over_ratio = never  # (B, C)
-        else:
-            threshold = torch.where(pos >= 0, fn_ratio * pos, (2.0 - fn_ratio) * pos)  # (B, 1)
-            over_ratio = scores > threshold  # (B, C)
+        over_ratio = (never if fn_ratio is None
+                      else exceeds_fn_ratio(scores, pos, fn_ratio))  # (B, C)
         ratio = alive & over_ratio  # (B, C)
         return {"duplicate": duplicate, "margin": margin, "ratio": ratio,
                 "kept": alive & ~ratio}

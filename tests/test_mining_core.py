@@ -1,10 +1,15 @@
 """Hard-negative mining core: blockwise search vs float64 brute force, grouped search,
-IVF recall, the false-negative filters on hand-made cases, and equivalence with
-sentence-transformers' ``mine_hard_negatives``."""
+IVF recall, the false-negative filters on hand-made cases, equivalence with
+sentence-transformers' ``mine_hard_negatives``, and an import graph without cycles."""
 from __future__ import annotations
 
+import ast
+import graphlib
+import importlib
 import logging
+import pkgutil
 import sys
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -12,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import pipeline.mining
 from pipeline.mining import (
     FAISS_GPU_MAX_K,
     estimate_recall,
@@ -485,3 +491,65 @@ def test_matches_sentence_transformers_mine_hard_negatives(monkeypatch, st_kwarg
         assert counts["short"].any()
     else:
         assert counts["dropped_duplicate"].sum() > 0
+
+
+# -- import graph -------------------------------------------------------------------------
+PACKAGE = "pipeline.mining"
+
+
+def _mining_imports(module_name: str) -> set[str]:
+    """``pipeline.mining`` modules that ``module_name`` imports anywhere in its source (top
+    level or inside functions); ``from pipeline.mining import x`` runs the package and, when
+    ``x`` is a submodule, that submodule too."""
+    module = importlib.import_module(module_name)
+    tree = ast.parse(Path(module.__file__).read_text(), filename=module.__file__)
+    package = module_name if module_name == PACKAGE else module_name.rpartition(".")[0]
+    targets: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = (node.module or "") if node.level == 0 else ".".join(
+                [package.rsplit(".", node.level - 1)[0], *filter(None, [node.module])])
+            targets.add(base)
+            targets.update(f"{base}.{alias.name}" for alias in node.names)
+    return {t for t in targets if t == PACKAGE or t.startswith(PACKAGE + ".")} & _mining_modules()
+
+
+def _mining_modules() -> set[str]:
+    """The package and every submodule in it."""
+    return {PACKAGE} | {f"{PACKAGE}.{info.name}"
+                        for info in pkgutil.iter_modules(pipeline.mining.__path__)}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (module -> modules it imports), or None."""
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as error:
+        return error.args[1]
+    return None
+
+
+def test_mining_modules_import_without_cycles():
+    modules = _mining_modules()
+    assert {f"{PACKAGE}.{name}" for name in ("common", "filters", "ivf", "recall",
+                                                "search")} <= modules
+    graph = {name: _mining_imports(name) - {name} for name in sorted(modules)}
+    # The parser sees the imports it must (so an empty graph cannot pass by accident) ...
+    assert f"{PACKAGE}.ivf" in graph[f"{PACKAGE}.search"]
+    assert f"{PACKAGE}.search" in graph[f"{PACKAGE}.recall"]
+    assert graph[PACKAGE] == modules - {PACKAGE}
+    # ... the check finds the cycle the package used to have (ivf <-> search) ...
+    assert _cycle(graph | {f"{PACKAGE}.ivf": {f"{PACKAGE}.search"}}) is not None
+    # ... and there is none now.
+    assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"
+    assert graph[f"{PACKAGE}.common"] == set()
+
+
+def test_package_exports_the_public_names():
+    assert set(pipeline.mining.__all__) == {
+        "COUNT_KEYS", "FAISS_GPU_MAX_K", "NegativeSelection", "SearchResult", "build_ivf_index",
+        "estimate_recall", "faiss_gpu_available", "measure_recall", "resolve_backend",
+        "search_topk", "search_within_groups", "select_negatives", "summarize_counts"}
+    assert all(hasattr(pipeline.mining, name) for name in pipeline.mining.__all__)

@@ -1,5 +1,5 @@
 """Stage-2 hard-negative loss: a float64 loop reference for every knob, hand-made edge cases with
-exactly representable cosines, split_global, two gloo ranks, and the gradient cache."""
+exactly representable cosines, two gloo ranks, and the gradient cache."""
 from __future__ import annotations
 
 import contextlib
@@ -21,7 +21,6 @@ from pipeline.losses import (
     all_gather_with_grad,
     hard_negative_loss,
     select_hard_negatives,
-    split_global,
 )
 from pipeline.train.grad_cache import full_batch_backward, grad_cache_backward, split_batch
 from tests.test_losses import free_port
@@ -403,40 +402,6 @@ def test_batch_negatives_need_no_mined_inputs_and_keys_can_be_off() -> None:
     assert with_keys.dropped_duplicate == 2  # rows 2 and 7 share a key
 
 
-# -- split_global -----------------------------------------------------------------------------------
-def _rank_layout(world_size: int, n: int, m: int, dim: int) -> tuple[list[Tensor], ...]:
-    """Per-rank q (n, dim), pos (n, dim), neg (n, m, dim) with globally distinct values."""
-    values = torch.arange(world_size * n * (2 + m) * dim, dtype=F64).reshape(world_size, -1, dim)
-    qs = [values[r, :n] for r in range(world_size)]
-    poss = [values[r, n:2 * n] for r in range(world_size)]
-    negs = [values[r, 2 * n:].reshape(n, m, dim) for r in range(world_size)]
-    return qs, poss, negs
-
-
-def test_split_global_undoes_the_per_rank_layout() -> None:
-    world_size, n, m, dim = 3, 2, 4, 5
-    qs, poss, negs = _rank_layout(world_size, n, m, dim)
-    gathered = torch.cat([torch.cat([qs[r], poss[r], negs[r].reshape(n * m, dim)])
-                          for r in range(world_size)]).requires_grad_()  # (W * n(2+m), dim)
-    layout = dict(world_size=world_size, num_queries=n, num_positives=n, num_negative_rows=n,
-                  negatives_per_row=m)
-    q, pos, neg = split_global(gathered, **layout)
-    torch.testing.assert_close(q, torch.cat(qs), rtol=0, atol=0)
-    torch.testing.assert_close(pos, torch.cat(poss), rtol=0, atol=0)
-    torch.testing.assert_close(neg, torch.cat(negs), rtol=0, atol=0)
-    (q.sum() + 2 * pos.sum() + 3 * neg.sum()).backward()
-    assert sorted(gathered.grad.unique().tolist()) == [1.0, 2.0, 3.0]
-    # Keys (1-d) in the same layout, without queries.
-    keys = torch.arange(world_size * n * (1 + m))  # (W * n(1+m),)
-    empty, pos_keys, neg_keys = split_global(keys, **(layout | {"num_queries": 0}))
-    assert empty.shape == (0,) and pos_keys.tolist() == [0, 1, 10, 11, 20, 21]
-    assert neg_keys[2].tolist() == [12, 13, 14, 15]
-    with pytest.raises(ValueError, match="needs 3 x"):
-        split_global(gathered[:-1], **layout)
-    with pytest.raises(ValueError, match="bad layout"):
-        split_global(gathered, **(layout | {"world_size": 0}))
-
-
 # -- two gloo ranks ---------------------------------------------------------------------------------
 WORLD_SIZE, FEATURES = 2, 7
 STAGE2_KNOBS = dict(negatives="both", num_hard_negatives=4, temperature=0.05, fn_margin=0.1,
@@ -464,24 +429,25 @@ def flat_items(batch: dict[str, Tensor], rows: slice) -> Tensor:
                       batch["x_neg"][rows].reshape(-1, FEATURES)])
 
 
-def layout_of(n_local: int, world_size: int) -> dict[str, int]:
-    return dict(world_size=world_size, num_queries=n_local, num_positives=n_local,
-                num_negative_rows=n_local, negatives_per_row=MINED)
+def split_ranks(global_emb: Tensor, world_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Plain slicing of a gathered ``cat_r [q_r; pos_r; neg_r row-major]`` (each rank's
+    ``flat_items`` embedded): q (B, D), pos (B, D), neg (B, M, D) in rank order."""
+    n = ROWS // world_size
+    ranks = global_emb.reshape(world_size, n * (2 + MINED), -1)  # (W, n (2 + M), D)
+    q = ranks[:, :n].reshape(ROWS, -1)  # (B, D)
+    pos = ranks[:, n:2 * n].reshape(ROWS, -1)  # (B, D)
+    neg = ranks[:, 2 * n:].reshape(ROWS, MINED, -1)  # (B, M, D)
+    return q, pos, neg
 
 
 def stage2_loss_fn(batch: dict[str, Tensor], world_size: int):
-    """``loss_fn(global_emb)`` for a global batch gathered from ``world_size`` ranks."""
-    layout = layout_of(ROWS // world_size, world_size)
-    gathered_keys = torch.cat([torch.cat([batch["pos_keys"][rows], batch["neg_keys"][rows].flatten()])
-                               for rows in _rank_rows(world_size)])
-    _, pos_keys, neg_keys = split_global(gathered_keys, **(layout | {"num_queries": 0}))
-    valid = torch.cat([batch["neg_valid"][rows].flatten() for rows in _rank_rows(world_size)])
-    _, _, neg_valid = split_global(valid, **(layout | {"num_queries": 0, "num_positives": 0}))
-
+    """``loss_fn(global_emb)`` for a global batch gathered from ``world_size`` ranks (ranks hold
+    consecutive rows, so the gathered keys are the batch's own)."""
     def loss_fn(global_emb: Tensor) -> Tensor:
-        q, pos, neg = split_global(global_emb, **layout)
-        return hard_negative_loss(q, pos, pos_keys=pos_keys, neg_emb=neg, neg_keys=neg_keys,
-                                  neg_valid=neg_valid, **STAGE2_KNOBS)[0]
+        q, pos, neg = split_ranks(global_emb, world_size)
+        return hard_negative_loss(q, pos, pos_keys=batch["pos_keys"], neg_emb=neg,
+                                  neg_keys=batch["neg_keys"], neg_valid=batch["neg_valid"],
+                                  **STAGE2_KNOBS)[0]
 
     return loss_fn
 
@@ -513,18 +479,17 @@ def _stage2_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         batch = feature_batch()
         rows = _rank_rows(world_size)[rank]
         n = ROWS // world_size
-        layout = layout_of(n, world_size)
         model = make_encoder()
         items = flat_items(batch, rows).requires_grad_()  # (n (2 + M), F)
         global_emb = all_gather_with_grad(model(items))  # (W n (2 + M), D)
-        q, pos, neg = split_global(global_emb, **layout)
-        # Keys and validity travel through the same gather and split (as integers).
+        q, pos, neg = split_ranks(global_emb, world_size)  # (B, D), (B, D), (B, M, D)
+        # Keys and validity travel through the same gather (as integers), then plain slicing.
         local_meta = torch.cat([batch["pos_keys"][rows], batch["neg_keys"][rows].flatten()])
-        _, pos_keys, neg_keys = split_global(all_gather_with_grad(local_meta),
-                                             **(layout | {"num_queries": 0}))
+        meta = all_gather_with_grad(local_meta).reshape(world_size, n * (1 + MINED))  # (W, .)
+        pos_keys = meta[:, :n].reshape(ROWS)  # (B,)
+        neg_keys = meta[:, n:].reshape(ROWS, MINED)  # (B, M)
         local_valid = batch["neg_valid"][rows].flatten().long()  # gloo: no bool gather
-        _, _, neg_valid = split_global(all_gather_with_grad(local_valid),
-                                       **(layout | {"num_queries": 0, "num_positives": 0}))
+        neg_valid = all_gather_with_grad(local_valid).reshape(ROWS, MINED)  # (B, M)
         loss, stats = hard_negative_loss(q, pos, pos_keys=pos_keys, neg_emb=neg,
                                          neg_keys=neg_keys, neg_valid=neg_valid.bool(),
                                          **STAGE2_KNOBS)

@@ -2,22 +2,28 @@
 
 Arrays in, arrays out (no Ray, files or configs):
 
-- ``search_topk`` / ``search_within_groups``: exact inner-product top-k (faiss, faiss GPU,
-  torch), or IVF for very large corpora; ``measure_recall`` / ``estimate_recall`` for IVF.
+- ``search_topk`` / ``search_within_groups`` (``search.py``): exact inner-product top-k
+  (faiss, faiss GPU, torch), or IVF for very large corpora (``ivf.py``);
+  ``measure_recall`` / ``estimate_recall`` (``recall.py``) for IVF.
 - ``select_negatives``: the false-negative filter (self, duplicate content, UniME margin,
-  positive-aware ratio, max score) and top / rank-range selection, with per-query counts.
+  positive-aware ratio, max score) and top / rank-range selection, with per-query counts
+  (``filters.py``; margin and ratio are the rule of :mod:`pipeline.losses`).
+
+Imports within the package run one way only: ``recall -> search -> ivf -> common`` and
+``search -> common``; tests/test_mining_core.py checks that there is no cycle.
 """
 from __future__ import annotations
 
+from pipeline.mining.common import FAISS_GPU_MAX_K
 from pipeline.mining.filters import (
     COUNT_KEYS,
     NegativeSelection,
     select_negatives,
     summarize_counts,
 )
-from pipeline.mining.ivf import build_ivf_index, estimate_recall, measure_recall
+from pipeline.mining.ivf import build_ivf_index
+from pipeline.mining.recall import estimate_recall, measure_recall
 from pipeline.mining.search import (
-    FAISS_GPU_MAX_K,
     SearchResult,
     faiss_gpu_available,
     resolve_backend,

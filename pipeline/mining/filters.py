@@ -1,4 +1,4 @@
-"""False-negative filtering and hard-negative selection (pure numpy, vectorised).
+"""False-negative filtering and hard-negative selection (numpy, vectorised).
 
 Input: for every query its ``M`` retrieved candidates sorted by score (descending), its
 positive's score and global candidate id, and content keys (hashes) of the candidates
@@ -11,15 +11,19 @@ earlier filter did not already drop:
 3. ``margin`` (UniME, beta): drop ``sim > pos_sim + fn_margin``.
 4. ``ratio`` (positive-aware, NV-Retriever): drop ``sim > fn_ratio * pos_sim`` (for
    ``pos_sim >= 0``; for ``pos_sim < 0`` the threshold is mirrored to
-   ``pos_sim - |pos_sim| * (1 - fn_ratio)`` so it stays below the positive, as in
-   sentence-transformers' ``relative_margin``).
+   ``(2 - fn_ratio) * pos_sim`` = ``pos_sim - |pos_sim| * (1 - fn_ratio)`` so it stays
+   below the positive, as in sentence-transformers' ``relative_margin``).
 5. ``max_score``: drop ``sim > max_score``.
 6. ``repeat`` (``unique_negatives``): drop a candidate whose content key equals that of a
    higher-ranked surviving candidate (one negative per content, e.g. a class label that
    is the target of many rows).
 
 All thresholds are strict ``>`` and computed in float64: a candidate exactly at
-``pos_sim + fn_margin`` (or at the ratio threshold, or at ``max_score``) is KEPT.
+``pos_sim + fn_margin`` (or at the ratio threshold, or at ``max_score``) is KEPT. Margin
+and ratio are ONE rule with the stage-2 loss: both call
+:func:`pipeline.losses.exceeds_fn_margin` and :func:`pipeline.losses.exceeds_fn_ratio`
+(tests/test_false_negative_rule.py holds them to a float64 reference). NaN is never over
+a threshold there, but :func:`select_negatives` rejects NaN scores before any filter.
 Padding slots (id -1, from a group with fewer candidates) are not candidates at all.
 
 Selection over the survivors, ranked by score: the window is survivor ranks
@@ -35,6 +39,8 @@ import logging
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
+
+from pipeline.losses import exceeds_fn_margin, exceeds_fn_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +145,8 @@ def _filter_masks(cand_scores: np.ndarray, cand_ids: np.ndarray, pos_scores: np.
                   fn_margin: float | None, fn_ratio: float | None,
                   max_score: float | None) -> list[tuple[str, np.ndarray]]:
     """(name, drop mask (Q, M)) per filter, in application order; disabled filters are
-    all-False (so their counts are 0, not missing)."""
+    all-False (so their counts are 0, not missing). Margin and ratio are the rule shared
+    with the stage-2 loss (:func:`pipeline.losses.exceeds_fn_margin` / ``exceeds_fn_ratio``)."""
     scores = cand_scores.astype(np.float64)  # (Q, M)
     pos = pos_scores.astype(np.float64)[:, None]  # (Q, 1)
     never = np.zeros(scores.shape, dtype=bool)  # (Q, M)
@@ -147,16 +154,11 @@ def _filter_masks(cand_scores: np.ndarray, cand_ids: np.ndarray, pos_scores: np.
     masks = [
         ("self", cand_ids == pos_ids[:, None]),
         ("duplicate", key_of_cand == pos_keys[:, None]),
-        ("margin", never if fn_margin is None else scores > pos + fn_margin),
-        ("ratio", never if fn_ratio is None else scores > _ratio_threshold(pos, fn_ratio)),
+        ("margin", never if fn_margin is None else exceeds_fn_margin(scores, pos, fn_margin)),
+        ("ratio", never if fn_ratio is None else exceeds_fn_ratio(scores, pos, fn_ratio)),
         ("max_score", never if max_score is None else scores > max_score),
     ]
     return masks
-
-
-def _ratio_threshold(pos: np.ndarray, fn_ratio: float) -> np.ndarray:
-    """``fn_ratio * pos`` for pos >= 0, ``pos - |pos| * (1 - fn_ratio)`` for pos < 0."""
-    return np.where(pos >= 0, fn_ratio * pos, (2.0 - fn_ratio) * pos)  # (Q, 1)
 
 
 def _repeat_mask(cand_keys: np.ndarray, cand_ids: np.ndarray, alive: np.ndarray) -> np.ndarray:

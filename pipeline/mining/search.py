@@ -14,23 +14,24 @@ tiles of at most ``(query_block_size, block_size)`` with a running top-k merge, 
   ``dtype``; the candidates are moved to the device once (N * d * itemsize bytes). A
   low-precision (bf16/fp16) pass keeps ``rescore_factor * k`` candidates and re-scores
   them in fp32: returned scores are fp32 dot products, but a true top-k item that bf16
-  ranked below ``rescore_factor * k`` is missed (measure with ``ivf.measure_recall``).
+  ranked below ``rescore_factor * k`` is missed (measure with ``recall.measure_recall``).
 - ``"auto"``: ``faiss_gpu`` when faiss has GPU support and sees a GPU, else ``faiss``.
 
-``build="ivf"`` swaps the exact search for a faiss ``IndexIVFFlat`` (see ``ivf.py``);
-measure what it costs with ``ivf.estimate_recall``.
+``build="ivf"`` swaps the exact search for a faiss ``IndexIVFFlat`` (``ivf.search_ivf``);
+measure what it costs with ``recall.estimate_recall``.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any, Literal, NamedTuple
 
 import faiss
 import numpy as np
 import torch
+
+from pipeline.mining.common import FAISS_GPU_MAX_K, block_ranges, faiss_threads
+from pipeline.mining.ivf import search_ivf
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ Backend = Literal["auto", "faiss", "faiss_gpu", "torch"]
 Build = Literal["flat", "ivf"]
 BACKENDS: tuple[str, ...] = ("auto", "faiss", "faiss_gpu", "torch")
 BUILDS: tuple[str, ...] = ("flat", "ivf")
-FAISS_GPU_MAX_K = 2048  # FAISS GPU kernels select at most 2048 results per query
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -211,8 +211,6 @@ def _search_resolved(queries: np.ndarray, candidates: np.ndarray, k: int, *, bac
     if backend == "faiss_gpu" and k > FAISS_GPU_MAX_K:
         raise ValueError(f"backend='faiss_gpu' supports k <= {FAISS_GPU_MAX_K}, got k={k}")
     if build == "ivf":
-        from pipeline.mining.ivf import search_ivf
-
         scores, ids, ivf_stats = search_ivf(
             queries, candidates, k, gpu=backend == "faiss_gpu", nlist=nlist, nprobe=nprobe,
             train_size=train_size, seed=seed, query_block_size=query_block_size,
@@ -262,22 +260,6 @@ def _block_searcher(block: np.ndarray, gpu_res: Any) -> Any:
     index = faiss.GpuIndexFlatIP(gpu_res, block.shape[1])
     index.add(block)
     return index.search
-
-
-@contextlib.contextmanager
-def faiss_threads(num_threads: int | None) -> Iterator[None]:
-    """Run faiss with ``num_threads`` OpenMP threads, restoring the previous setting."""
-    if num_threads is None:
-        yield
-        return
-    if num_threads < 1:
-        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(previous)
 
 
 # -- torch --------------------------------------------------------------------------------
@@ -347,12 +329,6 @@ def _torch_device(device: str | None) -> torch.device:
 
 
 # -- helpers ------------------------------------------------------------------------------
-def block_ranges(n: int, block: int) -> Iterator[tuple[int, int]]:
-    """``[start, stop)`` ranges covering ``range(n)`` in steps of ``block``."""
-    for start in range(0, n, block):
-        yield start, min(start + block, n)
-
-
 def _as_float32_pair(queries: np.ndarray,
                      candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """C-contiguous float32 (Q, d) and (N, d) arrays with the same d."""
