@@ -26,7 +26,7 @@ import pyarrow as pa  # noqa: E402
 from pipeline import storage  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.schemas import TEXT_GROUPS  # noqa: E402
-from pipeline.sharded import ShardedOutput, chunk  # noqa: E402
+from pipeline.outputs import ShardedOutput, chunk  # noqa: E402
 
 WORDS = ("a the of and in on with red green blue yellow purple orange circle square "
          "triangle star left right top bottom center small large man woman dog cat "

@@ -46,11 +46,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline import storage
+from pipeline import download_cache, outputs, provenance, storage
 from pipeline.config import Config, ConfigError
 from pipeline.data.schemas import IMAGE_PLACEHOLDER
 from pipeline.models import META_FILE, Embedder, format_text, get_backbone
-from pipeline.sharded import ShardedOutput
+from pipeline.outputs import ShardedOutput
 from pipeline.train.checkpoint import EXPORT_CHECK_FILE, ExportMismatchError, upload_folder
 
 logger = logging.getLogger(__name__)
@@ -114,11 +114,11 @@ def resolve_source(config: Config) -> Source:
     if value in STAGES:
         stage_folder = _absolute(config.step_dir(value))
         try:
-            manifest = storage.require_complete(stage_folder)
-        except storage.IncompleteOutputError as err:
+            manifest = outputs.require_complete(stage_folder)
+        except outputs.IncompleteOutputError as err:
             raise FileNotFoundError(
                 f"export.source={value}: {stage_folder} has no finished {value} output (no "
-                f"{storage.MANIFEST_NAME}); run jobs/{value}.py first, or set export.source "
+                f"{outputs.MANIFEST_NAME}); run jobs/{value}.py first, or set export.source "
                 "to a model folder") from err
         uri = storage.join(stage_folder, MODEL_DIR)
         if not storage.exists(storage.join(uri, META_FILE)):
@@ -253,7 +253,7 @@ def _local_copy(uri: str, scratch: str) -> str:
     rerun overwrote the prefix); a local folder as is."""
     if not storage.is_s3(uri):
         return uri
-    return storage.download_to_cache(uri, cache_dir=scratch)
+    return download_cache.download_to_cache(uri, cache_dir=scratch)
 
 
 def round_trip(destination: str, probe: Probe, *, dtype: str, trust_remote_code: bool,
@@ -397,7 +397,7 @@ def stage_manifests(config: Config, source: Source) -> dict[str, dict[str, Any]]
     out: dict[str, dict[str, Any]] = {}
     init = source.manifest.get("config", {}).get("stage2", {}).get("init", "stage1")
     if source.stage == "stage2" and init == "stage1":
-        stage1 = storage.read_manifest(_absolute(config.step_dir("stage1")))
+        stage1 = outputs.read_manifest(_absolute(config.step_dir("stage1")))
         if stage1 is not None:
             out["stage1"] = stage1
     out[source.stage] = source.manifest
@@ -413,15 +413,15 @@ def read_report(config: Config) -> tuple[str, dict[str, Any] | None]:
 # -- the step -----------------------------------------------------------------------------------
 def input_fingerprints(source: Source, report_uri: str) -> dict[str, Any]:
     """Fingerprints of what the export reads (a changed one means: redo it)."""
-    return {"source": storage.fingerprint(source.uri),
-            "export_check": storage.fingerprint(source.check_uri) if source.check_uri else None,
-            "eval_report": (storage.fingerprint(report_uri) if storage.exists(report_uri)
+    return {"source": provenance.fingerprint(source.uri),
+            "export_check": provenance.fingerprint(source.check_uri) if source.check_uri else None,
+            "eval_report": (provenance.fingerprint(report_uri) if storage.exists(report_uri)
                             else None)}
 
 
 def _reuse(folder: str, config: Config, destination: str,
            inputs: dict[str, Any]) -> dict[str, Any] | None:
-    manifest = storage.read_manifest(folder)
+    manifest = outputs.read_manifest(folder)
     if (manifest is not None and manifest.get("config_hash") == config.config_hash
             and manifest.get("export") == dataclasses.asdict(config.export)
             and manifest.get("destination") == destination and manifest.get("inputs") == inputs
@@ -457,7 +457,7 @@ def export(config: Config) -> dict[str, Any]:
     if (done := _reuse(folder, config, destination, inputs)) is not None:
         return done
     ShardedOutput(folder, config.config_hash, pa.schema([])).claim()
-    storage.delete(storage.join(folder, storage.MANIFEST_NAME))
+    storage.delete(storage.join(folder, outputs.MANIFEST_NAME))
     stages = stage_manifests(config, source)
 
     def card(family: str, prompt_mode: str, dtype: str) -> str:
@@ -467,7 +467,7 @@ def export(config: Config) -> dict[str, Any]:
 
     result = export_and_check(source, destination, requested_dtype=config.export.dtype,
                               trust_remote_code=config.model.trust_remote_code, card=card)
-    return storage.write_manifest(folder, {
+    return outputs.write_manifest(folder, {
         "rows_in": 1, "rows_out": 1, "rows_rejected": 0, "rejects_by_reason": {},
         "config_hash": config.config_hash, "seconds": round(time.perf_counter() - start, 3),
         "source": source.uri, "source_stage": source.stage,

@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import storage
+from pipeline import outputs, provenance, storage
 from pipeline.config import Config, MiningConfig
 from pipeline.data.schemas import MINED, PAIRS, embeddings_schema, vector_array, vectors_numpy
 from pipeline.mining import select_negatives
-from pipeline.ray_utils import actor_pool_resources
-from pipeline.sharded import ShardedOutput, complete_input, run_shard_tasks
+from pipeline.outputs import ShardedOutput, complete_input
+from pipeline.ray_utils import actor_pool_resources, run_shard_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -163,12 +163,12 @@ def _reject(row: dict[str, Any], uri: str, position: int, reason: str, field: st
 def load_targets(embeddings_folder: str, scope: str) -> TargetIndex:
     """The target rows of every embeddings shard, in shard order."""
     emb, groups, keys, location = [], [], [], []
-    for uri in storage.shard_uris(embeddings_folder):
+    for uri in outputs.shard_uris(embeddings_folder):
         table = storage.read_table(uri)
         mask = np.asarray(table.column("kind").to_pylist()) == "target"
         if not mask.any():
             continue
-        shard = storage.shard_index(uri)
+        shard = outputs.shard_index(uri)
         vectors = vectors_numpy(table.column("emb"))[mask]
         emb.append(vectors)
         groups += [d for d, m in zip(table.column("dataset").to_pylist(), mask, strict=True) if m]
@@ -244,7 +244,7 @@ def _negative_payloads(neg_ids: np.ndarray, targets: TargetIndex, own_uri: str,
     folder = own_uri.rsplit("/", 1)[0]
     for shard in np.unique(targets.location[needed, 0]):
         in_shard = needed[targets.location[needed, 0] == shard]
-        uri = storage.join(folder, storage.shard_name(int(shard)))
+        uri = storage.join(folder, outputs.shard_name(int(shard)))
         rows = own_rows if uri == own_uri else storage.read_table(
             uri, columns=["pos_text", "pos_image"]).to_pylist()
         for t in in_shard:
@@ -334,9 +334,9 @@ def mine_negatives(config: Config) -> dict[str, Any]:
     start = time.perf_counter()
     validate_mining(config.mining)
     folder = config.step_dir(STEP)
-    if storage.is_complete(folder):
+    if outputs.is_complete(folder):
         logger.info("mine_negatives: complete already at %s", folder)
-        return storage.require_complete(folder)
+        return outputs.require_complete(folder)
     input_folder = storage.join(config.run_root, *INPUT_TABLE.split("/"))
     inputs, shards = complete_input(input_folder)
     path = miner_path(config)
@@ -380,7 +380,7 @@ def mine_negatives(config: Config) -> dict[str, Any]:
         extra={"table": "mined", "miner": path, "targets": int(targets.emb.shape[0]),
                "shards_skipped": len(done), "per_dataset": _per_dataset(stats),
                "totals": _totals(stats), "ivf_recall": recall,
-               "inputs": {"pairs": storage.fingerprint(input_folder)},
+               "inputs": {"pairs": provenance.fingerprint(input_folder)},
                "config": config.to_dict()})
 
 

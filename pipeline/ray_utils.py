@@ -1,4 +1,5 @@
-"""Starting or joining Ray from a config, the same way for every job."""
+"""Ray from a config, the same way for every job: starting or joining it, sizing actor pools
+to the cluster, and running one Ray Data task per output shard."""
 from __future__ import annotations
 
 import logging
@@ -68,3 +69,57 @@ def actor_pool_resources(num_actors: int, cpus_per_actor: float) -> tuple[int, f
         return num_actors or gpus, cpus_per_actor, 1.0
     auto = max(1, int((resources.get("CPU", 1) - 1) // cpus_per_actor))
     return num_actors or auto, cpus_per_actor, 0.0
+
+
+# -- shard tasks on Ray Data --------------------------------------------------------------------
+def _call_task(batch: dict[str, Any], fn: Any, refs: list[Any]) -> dict[str, list]:
+    """Ray Data batch of one task index -> one result row (columns of length 1)."""
+    import ray
+
+    (index,) = batch["task_index"]
+    return {k: [v] for k, v in fn(ray.get(refs[int(index)])).items()}
+
+
+class _ActorShim:
+    """Builds the worker class once per actor, then feeds it one task per call."""
+
+    def __init__(self, worker_cls: type, kwargs: dict[str, Any], refs: list[Any]) -> None:
+        self.worker = worker_cls(**kwargs)
+        self.refs = refs
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        return _call_task(batch, self.worker, self.refs)
+
+
+def run_shard_tasks(tasks: list[Any], worker: Any, *, num_cpus: float = 1.0,
+                    num_gpus: float = 0.0, pool_size: int | None = None,
+                    worker_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Run one Ray Data task per shard task and return their result rows.
+
+    ``worker`` is a function ``task -> dict`` (stateless Ray tasks) or a class whose
+    instances are such callables, built once per actor of a pool of ``pool_size``
+    (models are loaded once per actor). Each task writes its own shard, so outputs stay
+    deterministic whatever the scheduling; Ray Data supplies the scheduling, the
+    progress bar and retries. Tasks travel through the object store (one object each);
+    the dataset itself holds only their indices.
+    """
+    import ray
+    import ray.data
+
+    if not tasks:
+        return []
+    refs = [ray.put(task) for task in tasks]
+    dataset = ray.data.from_items([{"task_index": i} for i in range(len(tasks))],
+                                  override_num_blocks=len(tasks))
+    if isinstance(worker, type):
+        dataset = dataset.map_batches(
+            _ActorShim, batch_size=1, batch_format="numpy",
+            fn_constructor_kwargs={"worker_cls": worker, "kwargs": worker_kwargs or {},
+                                   "refs": refs},
+            compute=ray.data.ActorPoolStrategy(size=pool_size or 1),
+            num_cpus=num_cpus, num_gpus=num_gpus)
+    else:
+        dataset = dataset.map_batches(_call_task, batch_size=1, batch_format="numpy",
+                                      fn_kwargs={"fn": worker, "refs": refs},
+                                      num_cpus=num_cpus, num_gpus=num_gpus)
+    return dataset.take_all()

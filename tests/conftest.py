@@ -81,3 +81,22 @@ def ray_local(s3_endpoint: str) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+# -- storage folders -----------------------------------------------------------------------------
+@pytest.fixture
+def storage_env() -> Iterator[None]:
+    """Storage on env-only settings for the test (and after it)."""
+    from pipeline import storage
+
+    storage.configure()
+    yield
+    storage.configure()
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.cluster)])
+def root(request: pytest.FixtureRequest, tmp_path) -> str:
+    """A folder URI that does not exist yet: local (tmp_path) or on a fresh S3 bucket."""
+    if request.param == "local":
+        return str(tmp_path / "root")
+    return request.getfixturevalue("s3_bucket") + "/root"

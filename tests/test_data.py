@@ -18,7 +18,7 @@ from pipeline.data.images import (
     decode_rgb,
     pack_image,
 )
-from pipeline.data.schemas import IMAGE_PLACEHOLDER, REJECT_REASONS
+from pipeline.data.schemas import IMAGE_PLACEHOLDER
 from pipeline.data.validate import (
     ImageLoader,
     RowError,
@@ -27,6 +27,7 @@ from pipeline.data.validate import (
     validate_pair,
     validate_text_group,
 )
+from pipeline.outputs import REJECT_REASONS
 
 P = IMAGE_PLACEHOLDER
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipeline import storage
+from pipeline import outputs, storage
 from pipeline.config import load_config
 from pipeline.data.schemas import EVAL_IMAGES, EVAL_QUERIES
 from pipeline.eval import embed
@@ -26,7 +26,7 @@ from pipeline.eval.metrics import (
     retrieval_recall,
 )
 from pipeline.eval.sets import Items, read_mmeb
-from pipeline.sharded import OutputConflictError
+from pipeline.outputs import OutputConflictError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "jobs" / "configs" / "demo.yaml")
@@ -170,7 +170,7 @@ def write_eval_tables(run_root: str, rows: list[dict]) -> None:
         folder = f"{run_root}/prepare_data/{name}"
         storage.write_table(pa.Table.from_pylist(table_rows, schema=schema),
                             f"{folder}/part-00000.parquet")
-        storage.write_manifest(folder, {"rows_in": len(table_rows), "rows_out": len(table_rows),
+        outputs.write_manifest(folder, {"rows_in": len(table_rows), "rows_out": len(table_rows),
                                         "rows_rejected": 0, "config_hash": "test",
                                         "seconds": 0.0})
 
@@ -328,9 +328,9 @@ def test_mmeb_reader_path_matches_in_process_embedder(ray_local, tmp_path, tiny_
 
     # Recompute every query's scores in-process with the same Embedder.
     prep = f"{config.run_root}/prepare_data"
-    images = {r["key"]: r["image"] for u in storage.shard_uris(f"{prep}/eval_images")
+    images = {r["key"]: r["image"] for u in outputs.shard_uris(f"{prep}/eval_images")
               for r in storage.read_table(u).to_pylist()}
-    rows = [r for u in storage.shard_uris(f"{prep}/eval")
+    rows = [r for u in outputs.shard_uris(f"{prep}/eval")
             for r in storage.read_table(u).to_pylist()]
     embedder = Embedder.from_pretrained(tiny_model)
     per_dataset: dict[str, list[np.ndarray]] = {}

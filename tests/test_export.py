@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 
-from pipeline import storage
+from pipeline import download_cache, outputs, storage
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.data.schemas import IMAGE_PLACEHOLDER
 from pipeline.export import export, format_summary
@@ -68,7 +68,7 @@ def make_run(base: pathlib.Path, root: str, *overrides: str) -> Config:
             storage.write_bytes(storage.join(root, *rel.split("/")), path.read_bytes())
     model = storage.join(config.step_dir("stage2"), "model")
     for stage, (first, final) in (("stage1", STAGE1_LOSSES), ("stage2", STAGE2_LOSSES)):
-        storage.write_manifest(config.step_dir(stage), {
+        outputs.write_manifest(config.step_dir(stage), {
             "rows_in": 10, "rows_out": 10, "rows_rejected": 0,
             "config_hash": config.config_hash, "seconds": 1.0, "steps": 7,
             "first_loss": first, "final_loss": final, "config": config.to_dict()})
@@ -115,7 +115,7 @@ def test_float32_export_round_trip_card_and_manifest(base_run, tmp_path, monkeyp
     assert manifest["family"] == "llava_next" and manifest["dtype"] == "float32"
     assert manifest["check"]["kind"] == "export_check" and manifest["check"]["rows"] == 3
     assert manifest["check"]["threshold"] == 0.9999 and manifest["min_cosine"] >= 0.9999
-    written = storage.read_manifest(str(tmp_path / "run" / "export"))
+    written = outputs.read_manifest(str(tmp_path / "run" / "export"))
     assert written["min_cosine"] == manifest["min_cosine"] and written["destination"] == str(dest)
     # The marker file is the last one written into the destination.
     dest_writes = [w for w in writes if w.startswith(str(dest))]
@@ -177,7 +177,7 @@ def test_tampered_trained_vectors_fail_the_round_trip(base_run, tmp_path):
     storage.write_json(check_uri, check)
     with pytest.raises(ExportMismatchError, match=r"rows \[1\]"):
         export(config)
-    assert storage.read_manifest(config.step_dir("export")) is None
+    assert outputs.read_manifest(config.step_dir("export")) is None
 
 
 def test_missing_stage_names_export_source_and_the_step_to_run(base_run, tmp_path):
@@ -211,7 +211,7 @@ def test_destination_over_the_source_or_the_run_is_refused(base_run, tmp_path, d
     with pytest.raises(ConfigError, match="export.destination"):
         export(config)
     assert (tmp_path / "run" / "stage2" / "model" / META_FILE).exists()
-    assert (tmp_path / "run" / "stage1" / storage.MANIFEST_NAME).exists()
+    assert (tmp_path / "run" / "stage1" / outputs.MANIFEST_NAME).exists()
 
 
 @pytest.mark.cluster
@@ -221,9 +221,9 @@ def test_s3_run_exports_to_s3(base_run, s3_bucket, tmp_path):
     manifest = export(config)
     dest = f"{root}/export/model"
     assert manifest["destination"] == dest and manifest["min_cosine"] >= 0.9999
-    assert storage.read_manifest(f"{root}/export")["family"] == "llava_next"
+    assert outputs.read_manifest(f"{root}/export")["family"] == "llava_next"
     assert "**stage2** (this model)" in storage.read_bytes(f"{dest}/README.md").decode()
-    local = storage.download_to_cache(dest, cache_dir=str(tmp_path / "cache"))
+    local = download_cache.download_to_cache(dest, cache_dir=str(tmp_path / "cache"))
     texts, images, trained = check_rows(base_run)
     emb = Embedder.from_pretrained(local, device="cpu").encode(texts, images, mode="instruction")
     assert torch.nn.functional.cosine_similarity(emb, trained).min() >= 0.9999

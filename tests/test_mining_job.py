@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipeline import storage
+from pipeline import outputs, storage
 from pipeline.config import load_config
 from pipeline.data.images import PackOptions, content_key, pack_image
 from pipeline.data.prepare import prepare_data
@@ -35,7 +35,7 @@ def miner(tmp_path_factory) -> str:
 
 
 def rows_of(folder: str) -> list[dict]:
-    return [r for uri in storage.shard_uris(folder) for r in storage.read_table(uri).to_pylist()]
+    return [r for uri in outputs.shard_uris(folder) for r in storage.read_table(uri).to_pylist()]
 
 
 def brute_force_negatives(embeddings: list[dict], pairs: list[dict], *, k: int,
@@ -71,7 +71,7 @@ def test_mining_matches_brute_force_on_s3(ray_local, s3_bucket, miner):
     mined = rows_of(folder)
     assert manifest["rows_in"] == len(pairs) == manifest["rows_out"] + manifest["rows_rejected"]
     assert manifest["rows_rejected"] == 0 and len(mined) == len(pairs)
-    for uri in storage.shard_uris(folder):
+    for uri in outputs.shard_uris(folder):
         fs, path = storage.resolve(uri)
         assert pa.parquet.read_schema(path, filesystem=fs).equals(MINED, check_metadata=False)
     expected = brute_force_negatives(rows_of(f"{folder}/embeddings"), pairs, k=12,
@@ -141,7 +141,7 @@ def test_rerun_skips_finished_shards(ray_local, tmp_path, miner):
     prepare_data(config)
     first = mine_negatives(config)
     folder = config.step_dir("mine_negatives")
-    shards = storage.shard_uris(folder)
+    shards = outputs.shard_uris(folder)
     assert len(shards) == 3
     mtimes = {u: os.stat(u).st_mtime_ns for u in shards}
     os.remove(shards[0])

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import storage
+from pipeline import outputs, storage
 from pipeline.config import load_config
 from pipeline.data import schemas
 from pipeline.data.prepare import format_summary, prepare_data
-from pipeline.sharded import OutputConflictError
+from pipeline.outputs import OutputConflictError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "jobs" / "configs" / "demo.yaml")
@@ -33,7 +33,7 @@ def small_config(root, *extra):
 
 def table_rows(folder: str) -> list[dict]:
     rows = []
-    for uri in storage.shard_uris(folder):
+    for uri in outputs.shard_uris(folder):
         rows += storage.read_table(uri).to_pylist()
     return rows
 
@@ -49,13 +49,13 @@ def test_demo_world_prepares_every_table(ray_local, tmp_path):
     assert tables["text_groups"]["rows_out"] == 30
     for name, schema in schemas.TABLES.items():
         folder = f"{step}/{name}"
-        sub = storage.require_complete(folder)
+        sub = outputs.require_complete(folder)
         assert sub["rows_out"] == len(table_rows(folder)) > 0
-        for uri in storage.shard_uris(folder):
+        for uri in outputs.shard_uris(folder):
             assert pq.read_schema(uri).equals(schema, check_metadata=False), name
     # Shards are deterministic and sized by data.rows_per_shard.
     groups = f"{step}/text_groups"
-    assert [os.path.basename(u) for u in storage.shard_uris(groups)] == [
+    assert [os.path.basename(u) for u in outputs.shard_uris(groups)] == [
         "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     pairs = table_rows(f"{step}/pairs")
     assert {p["dataset"] for p in pairs} >= {"demo_t2i", "demo_i2t", "demo_cls", "demo_vqa"}
@@ -102,7 +102,7 @@ def test_rerun_skips_completed_shards(ray_local, tmp_path):
     first = prepare_data(config)
     step = config.step_dir("prepare_data")
     pairs = f"{step}/pairs"
-    shards = storage.shard_uris(pairs)
+    shards = outputs.shard_uris(pairs)
     assert len(shards) >= 3
     mtimes = {u: os.stat(u).st_mtime_ns for u in shards}
     # Simulate a job killed after some shards: drop one shard and the manifests.
@@ -111,7 +111,7 @@ def test_rerun_skips_completed_shards(ray_local, tmp_path):
     os.remove(f"{step}/_manifest.json")
     second = prepare_data(config)
     assert second["tables"] == first["tables"]
-    assert storage.read_manifest(pairs)["shards_skipped"] == len(shards) - 1
+    assert outputs.read_manifest(pairs)["shards_skipped"] == len(shards) - 1
     for uri in shards:
         if uri != shards[1]:
             assert os.stat(uri).st_mtime_ns == mtimes[uri], f"{uri} was rewritten"
@@ -135,7 +135,7 @@ def test_prepare_to_s3(ray_local, s3_bucket):
     manifest = prepare_data(config)
     step = config.step_dir("prepare_data")
     assert step.startswith("s3://")
-    assert storage.require_complete(step)["rows_out"] == manifest["rows_out"] > 0
+    assert outputs.require_complete(step)["rows_out"] == manifest["rows_out"] > 0
     # The demo world went to S3 too, and the images were read back from there.
     assert storage.exists(f"{root}/sources/demo_world/world.json")
     assert manifest["sources"]["mmeb_train"].startswith("s3://")

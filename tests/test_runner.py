@@ -8,8 +8,8 @@ import pytest
 
 from pipeline.cli import run_step
 from pipeline.config import ConfigError, load_config
+from pipeline.outputs import IncompleteOutputError
 from pipeline.runner import ABLATION_VARIANTS, summary_table, variant_config
-from pipeline.storage import IncompleteOutputError
 
 DEMO = str(pathlib.Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml")
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import storage
+from pipeline import outputs, storage
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.data.schemas import IMAGE_PLACEHOLDER, MINED
 from pipeline.train import loop
@@ -425,7 +425,7 @@ def mined(ray_local, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     root = tmp_path_factory.mktemp("stage2") / "inputs"
     config = run_config(str(root))
     prepare_data(config)
-    pairs = pa.concat_tables(storage.read_table(uri) for uri in storage.shard_uris(
+    pairs = pa.concat_tables(storage.read_table(uri) for uri in outputs.shard_uris(
         f"{root}/prepare_data/pairs"))
     vocab = pairs.column("qry_text").to_pylist() + pairs.column("pos_text").to_pylist()
     build_tiny_model("llava_next", root / "models" / "tiny-llava_next", seed=0,

@@ -7,7 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from pipeline import storage
+from pipeline import outputs, storage
 from pipeline.config import load_config
 from pipeline.data.prepare import prepare_data
 from pipeline.models.teacher import resolve_teacher_path
@@ -36,7 +36,7 @@ def reference_model():
 
 def read_groups(folder: str) -> tuple[list[str], list[list[str]], np.ndarray]:
     ids, texts, vectors = [], [], []
-    for uri in storage.shard_uris(folder):
+    for uri in outputs.shard_uris(folder):
         table = storage.read_table(uri)
         ids += table.column("id").to_pylist()
         for row_texts, row_emb in zip(table.column("texts").to_pylist(),
@@ -63,7 +63,7 @@ def test_vectors_match_sentence_transformers(ray_local, tmp_path, reference_mode
 
     # Rerun: a lost shard is redone alone; the others are not rewritten.
     folder = config.step_dir("teacher_embed")
-    shards = storage.shard_uris(folder)
+    shards = outputs.shard_uris(folder)
     assert len(shards) == 3
     mtimes = {u: os.stat(u).st_mtime_ns for u in shards}
     os.remove(shards[2])

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from pipeline import storage
+from pipeline import outputs, provenance, storage
 from pipeline.config import Config
 from pipeline.data import readers
 from pipeline.data.images import PackOptions
@@ -36,7 +36,8 @@ from pipeline.data.validate import (
     validate_pair,
     validate_text_group,
 )
-from pipeline.sharded import ShardedOutput, chunk, run_shard_tasks
+from pipeline.outputs import ShardedOutput, chunk
+from pipeline.ray_utils import run_shard_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def _upload_tree(local: str, uri: str) -> None:
 
 def source_fingerprints(sources: Sources) -> dict[str, list[dict[str, Any]]]:
     """Fingerprints of the record files of every source (not of image folders: too big)."""
-    return {name: [storage.fingerprint(f) for f in readers.list_record_files(uri)]
+    return {name: [provenance.fingerprint(f) for f in readers.list_record_files(uri)]
             for name, uri in asdict(sources).items() if uri and not name.endswith("_images")}
 
 
@@ -193,9 +194,9 @@ def write_table(name: str, rows: list[RawRow], config: Config, *, inputs: dict[s
     start = time.perf_counter()
     folder = storage.join(config.step_dir(STEP), name)
     output = ShardedOutput(folder, config.config_hash, TABLES[name])
-    if storage.is_complete(folder):
+    if outputs.is_complete(folder):
         logger.info("%s: complete already (%s)", name, folder)
-        return storage.read_manifest(folder) or {}
+        return outputs.read_manifest(folder) or {}
     output.claim()
     shards = chunk(rows, config.data.rows_per_shard)
     done = output.done_shards(len(shards))
@@ -231,11 +232,11 @@ def _subset(image_keys: dict[str, Any] | None, rows: list[RawRow]) -> dict[str, 
 def read_image_keys(folder: str) -> dict[str, str | RowError]:
     """Image URI -> key (or the reason it was rejected) from an ``eval_images`` output."""
     keys: dict[str, str | RowError] = {}
-    for uri in storage.shard_uris(folder):
+    for uri in outputs.shard_uris(folder):
         table = storage.read_table(uri, columns=["source", "key"])
         keys.update(zip(table.column("source").to_pylist(), table.column("key").to_pylist(),
                         strict=True))
-    for uri in storage.shard_uris(storage.join(folder, storage.REJECTS_DIR)):
+    for uri in outputs.shard_uris(storage.join(folder, outputs.REJECTS_DIR)):
         table = storage.read_table(uri, columns=["source", "reason", "detail"])
         for row in table.to_pylist():
             keys[row["source"]] = RowError(row["reason"], "image", row["detail"])
@@ -250,9 +251,9 @@ def prepare_data(config: Config) -> dict[str, Any]:
     """Run the prepare step; return its manifest (reused as is when already complete)."""
     start = time.perf_counter()
     step = config.step_dir(STEP)
-    if storage.is_complete(step):
+    if outputs.is_complete(step):
         logger.info("prepare_data: complete already at %s (delete it to redo)", step)
-        return storage.require_complete(step)
+        return outputs.require_complete(step)
     sources = resolve_sources(config)
     inputs = source_fingerprints(sources)
     tables = read_sources(sources)
@@ -279,7 +280,7 @@ def prepare_data(config: Config) -> dict[str, Any]:
         "config_hash": config.config_hash, "config": config.to_dict(),
         "seconds": round(time.perf_counter() - start, 3),
     }
-    return storage.write_manifest(step, manifest)
+    return outputs.write_manifest(step, manifest)
 
 
 def format_summary(manifest: dict[str, Any], step_dir: str) -> str:

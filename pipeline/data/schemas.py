@@ -1,7 +1,7 @@
 """Arrow schemas of every table the pipeline writes (DESIGN section 3).
 
 Column names are a contract: other steps, tests and users read them. Change them only
-with a schema-version bump in ``pipeline.storage.SCHEMA_VERSION``.
+with a schema-version bump in ``pipeline.outputs.SCHEMA_VERSION``.
 
 Conventions:
 - Texts keep MMEB's image placeholder ``<|image_1|>`` where an image goes; each
@@ -93,32 +93,6 @@ EVAL_IMAGES = pa.schema([
     pa.field("image", pa.binary(), nullable=False),
     pa.field("source", pa.string(), nullable=False),   # the image's URI as referenced
 ])
-
-# A refused input row: nothing is dropped silently.
-REJECTS = pa.schema([
-    pa.field("id", pa.string()),
-    pa.field("source", pa.string(), nullable=False),
-    pa.field("field", pa.string(), nullable=False),
-    pa.field("reason", pa.string(), nullable=False),
-    pa.field("detail", pa.string(), nullable=False),
-    pa.field("row_json", pa.string(), nullable=False),
-])
-
-# Reasons a row is rejected (the `reason` column); counted per reason in manifests.
-REJECT_REASONS = (
-    "missing_field",     # a required column is absent or null
-    "wrong_type",        # a value has the wrong type (e.g. a number where text goes)
-    "empty_text",        # a text is empty or whitespace (and no image stands in for it)
-    "text_too_long",     # longer than data.max_text_chars
-    "missing_image",     # an image path that does not exist
-    "corrupt_image",     # an image that does not decode
-    "placeholder_mismatch",  # the text names an image placeholder but no image is given
-    "duplicate_id",      # an id seen before in the same table
-    "bad_candidates",    # eval row: target lists empty or of unequal length
-    "nan_embedding",     # a model produced a NaN/inf vector for the row
-    "missing_positive",  # a pair without a usable positive (mining)
-)
-
 
 TABLES = {
     "text_groups": TEXT_GROUPS,

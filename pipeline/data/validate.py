@@ -1,7 +1,7 @@
 """Validation: a ``RawRow`` becomes a canonical row, or a reject with a reason.
 
 Every refusal names the row (id and ``file:line``), the field and the reason (one of
-``schemas.REJECT_REASONS``), and keeps the raw row as JSON, so that
+``pipeline.outputs.REJECT_REASONS``), and keeps the raw row as JSON, so that
 ``rows_in == rows_out + rows_rejected`` and nothing is lost.
 """
 from __future__ import annotations

@@ -22,12 +22,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import storage
+from pipeline import outputs, storage
 from pipeline.config import Config
 from pipeline.data.images import ImageDecodeError, PackOptions, pack_image
 from pipeline.data.schemas import vector_array, vectors_numpy
 from pipeline.eval.sets import Item
-from pipeline.sharded import ShardedOutput, run_shard_tasks
+from pipeline.outputs import ShardedOutput
+from pipeline.ray_utils import run_shard_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ def plan_tasks(models: dict[str, ModelRef], items: list[Item],
 
 def load_embedded(folder: str, num_items: int) -> Embedded:
     """Read a model's embedding shards back in item order; every item exactly once."""
-    tables = [storage.read_table(uri) for uri in storage.shard_uris(folder)]
+    tables = [storage.read_table(uri) for uri in outputs.shard_uris(folder)]
     table = pa.concat_tables(tables) if tables else None
     items = np.asarray(table.column("item").to_pylist() if table else [], dtype=np.int64)
     if len(items) != num_items or not np.array_equal(np.sort(items), np.arange(num_items)):

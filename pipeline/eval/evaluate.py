@@ -41,9 +41,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import storage
+from pipeline import outputs, storage
 from pipeline.config import Config, EvalConfig
-from pipeline.data.schemas import REJECTS
 from pipeline.eval import embed, metrics
 from pipeline.eval.embed import Embedded, ModelRef
 from pipeline.eval.sets import (
@@ -55,7 +54,7 @@ from pipeline.eval.sets import (
     read_retrieval,
     read_sugarcrepe,
 )
-from pipeline.sharded import OutputConflictError, ShardedOutput
+from pipeline.outputs import REJECTS, OutputConflictError, ShardedOutput
 
 logger = logging.getLogger(__name__)
 
@@ -177,18 +176,18 @@ def read_sets(config: Config, items: Items) -> tuple[list[EvalSet], dict[str, An
     eval_folder = storage.join(prepared, "eval")
     if not config.eval.mmeb:
         logger.info("evaluate: MMEB-format sets skipped (eval.mmeb=false)")
-    elif storage.is_complete(eval_folder):
+    elif outputs.is_complete(eval_folder):
         from pipeline.eval.sets import eval_image_rows
 
         images_folder = storage.join(prepared, "eval_images")
-        storage.require_complete(images_folder)
+        outputs.require_complete(images_folder)
         image_rows = eval_image_rows(images_folder)
         sets.append(read_mmeb(eval_folder, items, config.eval.prompt_mode))
-    elif storage.is_complete(prepared):
+    elif outputs.is_complete(prepared):
         logger.warning("evaluate: prepare_data has no eval table (no data.sources.mmeb_eval): "
                        "MMEB-format sets skipped")
     else:
-        storage.require_complete(eval_folder)  # raises: run prepare_data first
+        outputs.require_complete(eval_folder)  # raises: run prepare_data first
     mode = config.eval.caption_prompt_mode
     source = _caption_source(config, config.eval.sugarcrepe, config.eval.sugarcrepe_images,
                              "sugarcrepe", "eval.sugarcrepe")
@@ -306,7 +305,7 @@ def check_config(config: Config) -> dict[str, str]:
 
 
 def _reuse(folder: str, owner: str) -> dict[str, Any] | None:
-    manifest = storage.read_manifest(folder)
+    manifest = outputs.read_manifest(folder)
     if manifest is None:
         return None
     if manifest.get("eval_hash") != owner:
@@ -355,7 +354,7 @@ def evaluate(config: Config, models: dict[str, str] | None = None,
     files = _write_outputs(report, folder, all_rejects)
     reasons = collections.Counter(r["reason"] for r in all_rejects)
     rows_in = sum(info["rows"] for info in set_info.values())
-    return storage.write_manifest(folder, {
+    return outputs.write_manifest(folder, {
         "rows_in": rows_in, "rows_out": sum(info["scored"] for info in set_info.values()),
         "rows_rejected": len(all_rejects), "rejects_by_reason": dict(sorted(reasons.items())),
         "config_hash": config.config_hash, "eval_hash": owner,
@@ -396,7 +395,7 @@ def _write_outputs(report: dict[str, Any], folder: str,
 
     files = write_report(report, folder)
     storage.write_table(pa.Table.from_pylist(rejects, schema=REJECTS),
-                        storage.join(folder, storage.REJECTS_DIR, storage.shard_name(0)))
+                        storage.join(folder, outputs.REJECTS_DIR, outputs.shard_name(0)))
     return files
 
 

@@ -20,7 +20,7 @@ import io
 import math
 from typing import Any
 
-from pipeline import storage
+from pipeline import outputs, storage
 
 # step -> its plot, copied next to the report as training_<step>.png
 TRAINING_PLOTS = {"stage1": "curves.png", "mine_negatives": "scores.png", "stage2": "curves.png"}
@@ -121,7 +121,7 @@ def training_summary(run_root: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for step, plot in TRAINING_PLOTS.items():
         folder = storage.join(run_root, step)
-        manifest = storage.read_manifest(folder)
+        manifest = outputs.read_manifest(folder)
         if manifest is None:
             continue
         keys = ("steps", "first_loss", "final_loss", "seconds", "totals", "hard_negatives")

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import storage
+from pipeline import outputs, provenance, storage
 from pipeline.data.schemas import IMAGE_PLACEHOLDER
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def field_name(set_name: str, position: int) -> str:
 def eval_image_rows(folder: str) -> dict[str, tuple[str, int]]:
     """eval_images key -> (shard URI, row); reads only the key column."""
     rows: dict[str, tuple[str, int]] = {}
-    for uri in storage.shard_uris(folder):
+    for uri in outputs.shard_uris(folder):
         keys = storage.read_table(uri, columns=["key"]).column("key").to_pylist()
         for i, key in enumerate(keys):
             rows.setdefault(key, (uri, i))
@@ -117,14 +117,14 @@ def read_mmeb(eval_folder: str, items: Items, mode: str) -> EvalSet:
         return items.add(Item(mode, text, ("key", key) if key else None))
 
     rows = []
-    for uri in storage.shard_uris(eval_folder):
+    for uri in outputs.shard_uris(eval_folder):
         for r in storage.read_table(uri).to_pylist():
             idx = [item(r["qry_text"], r["qry_image_key"])]
             idx += [item(t, k) for t, k in zip(r["tgt_text"], r["tgt_image_key"], strict=True)]
             payload = {k: r[k] for k in ("id", "dataset", "qry_text", "qry_image_key")}
             payload["num_candidates"] = len(r["tgt_text"])
             rows.append(EvalRow(r["id"], r["source"], r["dataset"], _indices(idx), payload))
-    return EvalSet("mmeb", rows, {"eval": storage.fingerprint(eval_folder)})
+    return EvalSet("mmeb", rows, {"eval": provenance.fingerprint(eval_folder)})
 
 
 # ---------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def read_sugarcrepe(folder: str, image_root: str, items: Items, mode: str) -> Ev
             neg = items.add(Item(mode, CAPTION_PREFIX[mode] + e["negative_caption"], None))
             rows.append(EvalRow(f"{category}:{key}", f"{uri}#{key}", category,
                                 _indices([image, pos, neg]), dict(e)))
-    return EvalSet("sugarcrepe", rows, {"sugarcrepe": [storage.fingerprint(f) for f in files]})
+    return EvalSet("sugarcrepe", rows, {"sugarcrepe": [provenance.fingerprint(f) for f in files]})
 
 
 def read_retrieval(json_uri: str, image_root: str, split: str, items: Items,
@@ -182,4 +182,4 @@ def read_retrieval(json_uri: str, image_root: str, split: str, items: Items,
                             payload))
     if not rows:
         raise ValueError(f"{json_uri}: no images with split {split!r} (eval.retrieval_split)")
-    return EvalSet("retrieval", rows, {"retrieval": storage.fingerprint(json_uri)})
+    return EvalSet("retrieval", rows, {"retrieval": provenance.fingerprint(json_uri)})

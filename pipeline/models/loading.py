@@ -47,7 +47,7 @@ def read_backbone_meta(local_dir: str | Path) -> dict[str, Any]:
 def resolve_local(path: str | Path) -> Path:
     """A local folder for ``path``; ``s3://`` prefixes are downloaded once per node."""
     if str(path).startswith("s3://"):
-        from pipeline.storage import download_to_cache
+        from pipeline.download_cache import download_to_cache
 
         start = time.perf_counter()
         local = Path(download_to_cache(str(path)))

@@ -21,11 +21,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline import outputs, provenance, storage
 from pipeline.config import Config, TeacherConfig
 from pipeline.data.schemas import teacher_schema, vector_array
-from pipeline.ray_utils import actor_pool_resources
-from pipeline.sharded import ShardedOutput, complete_input, run_shard_tasks
+from pipeline.outputs import ShardedOutput, complete_input
+from pipeline.ray_utils import actor_pool_resources, run_shard_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +111,9 @@ def teacher_embed(config: Config) -> dict[str, Any]:
     """Run the teacher step; return its manifest (reused as is when already complete)."""
     start = time.perf_counter()
     folder = config.step_dir(STEP)
-    if storage.is_complete(folder):
+    if outputs.is_complete(folder):
         logger.info("teacher_embed: complete already at %s", folder)
-        return storage.require_complete(folder)
+        return outputs.require_complete(folder)
     input_folder = storage.join(config.run_root, *INPUT_TABLE.split("/"))
     inputs, shards = complete_input(input_folder)
     actors, cpus, gpus = actor_pool_resources(config.teacher.num_actors,
@@ -124,8 +124,8 @@ def teacher_embed(config: Config) -> dict[str, Any]:
     # The output schema needs the teacher's dimension: the first actor call tells it, so
     # the folder is claimed by a throwaway ShardedOutput that does not need the schema.
     ShardedOutput(folder, config.config_hash, pa.schema([])).claim()
-    done = storage.completed_shards(folder) & storage.completed_shards(
-        storage.join(folder, storage.REJECTS_DIR))
+    done = outputs.completed_shards(folder) & outputs.completed_shards(
+        storage.join(folder, outputs.REJECTS_DIR))
     tasks = [TeacherTask(i, uri) for i, uri in enumerate(shards) if i not in done]
     logger.info("teacher_embed: %d shards (%d done already) with %d actor(s), %.1f CPU / "
                 "%.0f GPU each -> %s", len(shards), len(done), min(actors, len(tasks) or 1),
@@ -145,14 +145,14 @@ def teacher_embed(config: Config) -> dict[str, Any]:
         extra={"table": "teacher", "dim": dim, "teacher": teacher_kwargs(config.teacher),
                "texts_embedded": stats["texts"], "tokens_embedded": stats["tokens"],
                "texts_truncated": stats["truncated"], "shards_skipped": len(done),
-               "inputs": {"text_groups": storage.fingerprint(input_folder)},
+               "inputs": {"text_groups": provenance.fingerprint(input_folder)},
                "config": config.to_dict()})
     return manifest
 
 
 def _dim_of(folder: str) -> int:
     """Teacher dimension as written in the first output shard."""
-    fs, path = storage.resolve(storage.join(folder, storage.shard_name(0)))
+    fs, path = storage.resolve(storage.join(folder, outputs.shard_name(0)))
     schema = pq.read_schema(path, filesystem=fs)
     return schema.field("teacher_emb").type.value_type.list_size
 

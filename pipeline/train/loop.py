@@ -56,7 +56,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from pipeline import storage
+from pipeline import outputs, storage
 from pipeline.config import Config, TrainConfig
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.metrics import MetricsLogger
@@ -666,9 +666,9 @@ def finished_run(config_hash: str, folder: str, target_steps: int,
     claiming the folder and removing the manifest of a shorter run, which then resumes)."""
     import pyarrow as pa
 
-    from pipeline.sharded import ShardedOutput
+    from pipeline.outputs import ShardedOutput
 
-    manifest = storage.read_manifest(folder)
+    manifest = outputs.read_manifest(folder)
     if (manifest is not None and manifest.get("config_hash") == config_hash
             and manifest.get("steps", -1) >= target_steps):
         logger.info("%s: complete already at %s (%d steps)", stage, folder, manifest["steps"])
@@ -677,7 +677,7 @@ def finished_run(config_hash: str, folder: str, target_steps: int,
     if manifest is not None:
         logger.info("%s: %s has %d steps, %d requested: resuming", stage, folder,
                     manifest.get("steps", 0), target_steps)
-        storage.delete(storage.join(folder, storage.MANIFEST_NAME))
+        storage.delete(storage.join(folder, outputs.MANIFEST_NAME))
     return None
 
 

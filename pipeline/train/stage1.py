@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import storage
+from pipeline import outputs, provenance, storage
 from pipeline.config import Config, ConfigError
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import loop
@@ -219,8 +219,8 @@ def check_train_and_model(config: Config) -> None:
 
 def read_teacher_tables(teacher_folder: str) -> list[pa.Table]:
     """Every shard of a complete teacher step, in shard order."""
-    manifest = storage.require_complete(teacher_folder)
-    shards = storage.shard_uris(teacher_folder)
+    manifest = outputs.require_complete(teacher_folder)
+    shards = outputs.shard_uris(teacher_folder)
     if len(shards) != manifest["num_shards"]:
         raise storage.StorageError(f"{teacher_folder}: manifest lists {manifest['num_shards']} "
                                    f"shards but {len(shards)} are present")
@@ -289,7 +289,7 @@ def stage1(config: Config) -> dict[str, Any]:
     folder = config.step_dir(STEP)
     check_config(config)
     teacher_folder = config.step_dir(TEACHER_STEP)
-    teacher_manifest = storage.require_complete(teacher_folder)
+    teacher_manifest = outputs.require_complete(teacher_folder)
     num_groups = teacher_manifest["rows_out"]
     check_config(config, num_groups)
     done = loop.finished_run(config.config_hash, folder, stop_step(config, num_groups), STEP)
@@ -311,7 +311,7 @@ def stage1(config: Config) -> dict[str, Any]:
     loop.fit(spec, dataset, config)
     summary = storage.read_json(storage.join(folder, loop.SUMMARY_FILE))
     used = loop.rows_used(num_groups, settings, summary["steps"])
-    return storage.write_manifest(folder, {
+    return outputs.write_manifest(folder, {
         "rows_in": num_groups, "rows_out": num_groups, "rows_rejected": 0,
         "rejects_by_reason": {}, "groups_used": used, "groups_never_used": num_groups - used,
         "groups_dropped_last_per_epoch": num_groups - settings.steps_per_epoch
@@ -323,7 +323,7 @@ def stage1(config: Config) -> dict[str, Any]:
         "student": dataclasses.asdict(student),
         "ray_run": {"storage": storage.join(folder, "ray"), "name": config.run_name},
         "teacher_dim": teacher_manifest.get("dim"),
-        "inputs": {"teacher_embed": storage.fingerprint(teacher_folder)},
+        "inputs": {"teacher_embed": provenance.fingerprint(teacher_folder)},
         "config": config.to_dict(),
     })
 
@@ -374,9 +374,9 @@ def heldout_texts(config: Config, max_texts: int = 100, min_words: int = 4) -> l
     from pipeline.data.schemas import IMAGE_PLACEHOLDER
 
     folder = storage.join(config.step_dir("prepare_data"), "eval")
-    storage.require_complete(folder)
+    outputs.require_complete(folder)
     texts: set[str] = set()
-    for uri in storage.shard_uris(folder):
+    for uri in outputs.shard_uris(folder):
         for targets in storage.read_table(uri, columns=["tgt_text"]).column("tgt_text").to_pylist():
             texts.update(t for t in targets
                          if IMAGE_PLACEHOLDER not in t and len(t.split()) >= min_words)

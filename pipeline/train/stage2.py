@@ -51,9 +51,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import storage
+from pipeline import outputs, provenance, storage
 from pipeline.config import Config, ConfigError, Stage2Config
-from pipeline.sharded import complete_input
+from pipeline.outputs import complete_input
 from pipeline.train import loop
 from pipeline.train.lora import attach_lora, check_lora_only, parameter_counts, train_mode
 from pipeline.train.stage1 import (
@@ -339,7 +339,7 @@ def resolve_init(config: Config) -> StudentSource:
     init, model = config.stage2.init, config.model
     if init == "stage1":
         folder = config.step_dir("stage1")
-        if storage.read_manifest(folder) is None:
+        if outputs.read_manifest(folder) is None:
             raise FileNotFoundError(f"stage2.init=stage1: {folder} is not a finished stage-1 "
                                     "run; run jobs/stage1.py first (or set stage2.init)")
         uri = storage.join(folder, "model")
@@ -406,7 +406,7 @@ def training_dataset(folder: str, shards: list[str]) -> Any:
     Larger ones are read by Ray Data (``read_parquet``) and never held by the driver."""
     import ray.data
 
-    size = storage.fingerprint(folder)["bytes"]
+    size = provenance.fingerprint(folder)["bytes"]
     if size <= SMALL_INPUT_BYTES:
         return ray.data.from_arrow([storage.read_table(uri) for uri in shards])
     fs, first = storage.resolve(shards[0])
@@ -444,7 +444,7 @@ def stage2(config: Config, folder: str | None = None) -> dict[str, Any]:
     loop.fit(spec, training_dataset(mined_folder, shards), config)
     summary = storage.read_json(storage.join(settings.stage_dir, loop.SUMMARY_FILE))
     used = loop.rows_used(num_pairs, settings, summary["steps"])
-    return storage.write_manifest(folder, {
+    return outputs.write_manifest(folder, {
         "rows_in": num_pairs, "rows_out": num_pairs, "rows_rejected": 0,
         "rejects_by_reason": {}, "pairs_used": used, "pairs_never_used": num_pairs - used,
         "global_batch_pairs": settings.global_batch_rows, "batching": stage2_cfg.batching,
@@ -454,7 +454,7 @@ def stage2(config: Config, folder: str | None = None) -> dict[str, Any]:
         "hard_negatives": hard_negative_summary(settings.stage_dir),
         "init": dataclasses.asdict(init),
         "ray_run": {"storage": storage.join(folder, "ray"), "name": config.run_name},
-        "inputs": {"mine_negatives": storage.fingerprint(mined_folder)},
+        "inputs": {"mine_negatives": provenance.fingerprint(mined_folder)},
         "config": config.to_dict(),
     })
 
