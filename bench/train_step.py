@@ -75,7 +75,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.config import Config, OptimConfig, load_config  # noqa: E402
 from pipeline.data.demo_world import DemoWorldFiles, generate_demo_world  # noqa: E402
 from pipeline.models import build_tiny_model  # noqa: E402
 from pipeline.train import loop  # noqa: E402
@@ -278,8 +278,8 @@ def loop_settings(stage: str, stage_dir: str, train: Any, *, rows: list[Any], ke
                   device: torch.device, sample_unit: str) -> loop.LoopSettings:
     return loop.LoopSettings(
         stage=stage, stage_dir=stage_dir, train=train,
-        optim=loop.OptimSettings(lr=1e-4, warmup_ratio=0.0, schedule="constant",
-                                 weight_decay=0.0, max_grad_norm=1.0, epochs=1, max_steps=0),
+        optim=OptimConfig(lr=1e-4, warmup_ratio=0.0, schedule="constant", weight_decay=0.0,
+                          max_grad_norm=1.0),
         global_batch_rows=len(rows), row_keys=keys,
         precision="bf16" if device.type == "cuda" else "fp32", use_gpu=device.type == "cuda",
         sample_unit=sample_unit)

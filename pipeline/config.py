@@ -38,8 +38,14 @@ def _knob(default: Any, *, help: str, hashed: bool = True, min: float | None = N
     return field(default=default, metadata=meta)
 
 
-def _section(cls: type, *, help: str, hashed: bool = True) -> Any:
-    return field(default_factory=cls, metadata={"help": help, "hashed": hashed})
+def _section(cls: type, *, help: str, hashed: bool = True, run_hash: bool = True,
+             **defaults: Any) -> Any:
+    """A nested section; ``defaults`` override the section class's own defaults (e.g. the
+    stage-1 and stage-2 ``optim`` sections share a class but not their learning rate).
+    ``hashed=False``: runtime only, in no hash. ``run_hash=False``: it changes its own step's
+    outputs (so it is in that step's hash) but not the run's ``config_hash`` and run folder."""
+    return field(default_factory=lambda: cls(**defaults),
+                 metadata={"help": help, "hashed": hashed, "run_hash": run_hash})
 
 
 # ---------------------------------------------------------------------------------------
@@ -56,7 +62,9 @@ class RayConfig:
                           "instance (more than physical cores avoids actor-pool starvation)")
     object_store_memory_mb: int = _knob(768, hashed=False, min=128,
                                         help="object store size of a new local instance, MiB")
-    progress_bars: bool = _knob(True, hashed=False, help="show Ray Data progress bars")
+    progress_bars: Literal["auto", True, False] = _knob(
+        "auto", hashed=False, help="Ray Data progress bars; auto = only when stderr is a "
+        "terminal (a job log or CI keeps its size: a demo run prints ~20 MB of bar updates)")
 
 
 @dataclass(frozen=True)
@@ -232,19 +240,37 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class Stage1Config:
-    """Stage 1: textual discriminative knowledge distillation (LoRA on the language model)."""
+class OptimConfig:
+    """AdamW and its learning-rate schedule (one such section per training stage)."""
 
-    lora_rank: int = _knob(32, min=1, help="LoRA rank (paper: 32; 4..64 within 0.4 points)")
-    lora_alpha: int = _knob(64, min=1, help="LoRA alpha (scale = alpha / rank); open")
-    lora_dropout: float = _knob(0.05, min=0.0, max=0.9, help="dropout on the LoRA input; open")
-    lr: float = _knob(5e-4, min=1e-9, help="peak learning rate of AdamW")
+    lr: float = _knob(1e-4, min=1e-9, help="peak learning rate of AdamW (paper: stage 1 5e-4; "
+                      "stage 2 1e-4 Phi-3.5-V, 2e-5 LLaVA-1.6)")
     warmup_ratio: float = _knob(0.05, min=0.0, max=1.0, help="share of the scheduled steps "
                                 "spent warming up linearly to lr (rounded up)")
     schedule: Literal["linear", "cosine", "constant"] = _knob(
-        "linear", help="decay after warm-up, over all scheduled steps (epochs x steps/epoch)")
+        "linear", help="decay after warm-up, over all scheduled steps")
     weight_decay: float = _knob(0.0, min=0.0, help="AdamW weight decay")
     max_grad_norm: float = _knob(1.0, min=0.0, help="gradient clipping by global norm; 0 = off")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters of a training stage (one such section per stage)."""
+
+    rank: int = _knob(16, min=1, help="LoRA rank (paper: 32 in stage 1, 4..64 within 0.4 "
+                      "points; 16 in stage 2)")
+    alpha: int = _knob(32, min=1, help="LoRA alpha (scale = alpha / rank); open")
+    dropout: float = _knob(0.05, min=0.0, max=0.9, help="dropout on the LoRA input; open")
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    """Stage 1: textual discriminative knowledge distillation (LoRA on the language model)."""
+
+    lora: LoraConfig = _section(LoraConfig, help="LoRA on the language model (paper: r 32)",
+                                rank=32, alpha=64)
+    optim: OptimConfig = _section(OptimConfig, help="AdamW and its schedule over epochs x "
+                                  "steps per epoch (paper: lr 5e-4)", lr=5e-4)
     epochs: int = _knob(2, min=1, help="passes over the text groups")
     max_steps: int = _knob(0, min=0, hashed=False, help="stop after this many optimizer "
                            "steps (0 = all). Not hashed and not part of the LR schedule: a "
@@ -269,20 +295,13 @@ class Stage2Config:
     init: str = _knob("stage1", help="starting model: stage1 = <run_root>/stage1/model (the "
                       "merged stage-1 model, the paper), student = model.path (stage 2 only), "
                       "or an Embedder folder / s3:// prefix")
-    lora_rank: int = _knob(16, min=1, help="LoRA rank (paper: 16)")
-    lora_alpha: int = _knob(32, min=1, help="LoRA alpha (scale = alpha / rank); open")
-    lora_dropout: float = _knob(0.05, min=0.0, max=0.9, help="dropout on the LoRA input; open")
+    lora: LoraConfig = _section(LoraConfig, help="fresh LoRA over the merged starting model "
+                                "(paper: r 16)", rank=16, alpha=32)
     lora_vision: bool = _knob(True, help="LoRA on the vision tower and projector too (the "
                               "paper: the whole MLLM); false = language model only, vision "
                               "frozen")
-    lr: float = _knob(1e-4, min=1e-9, help="peak learning rate of AdamW (paper: 1e-4 "
-                      "Phi-3.5-V, 2e-5 LLaVA-1.6)")
-    warmup_ratio: float = _knob(0.05, min=0.0, max=1.0, help="share of the scheduled steps "
-                                "spent warming up linearly to lr (rounded up)")
-    schedule: Literal["linear", "cosine", "constant"] = _knob(
-        "linear", help="decay after warm-up, over all scheduled steps")
-    weight_decay: float = _knob(0.0, min=0.0, help="AdamW weight decay")
-    max_grad_norm: float = _knob(1.0, min=0.0, help="gradient clipping by global norm; 0 = off")
+    optim: OptimConfig = _section(OptimConfig, help="AdamW and its schedule over stage2.steps "
+                                  "(paper: lr 1e-4 Phi-3.5-V, 2e-5 LLaVA-1.6)", lr=1e-4)
     steps: int = _knob(1000, min=0, help="scheduled optimizer steps (paper: 1000); the pairs "
                        "are visited epoch after epoch in a fresh order as long as needed; "
                        "0 = stage2.epochs full passes")
@@ -400,14 +419,14 @@ class Config:
     stage1: Stage1Config = _section(Stage1Config, help="stage 1: textual distillation")
     stage2: Stage2Config = _section(Stage2Config, help="stage 2: hard-negative instruction "
                                     "tuning")
-    export: ExportConfig = _section(ExportConfig, help="the export step", hashed=False)
-    eval: EvalConfig = _section(EvalConfig, help="the evaluate step", hashed=False)
+    export: ExportConfig = _section(ExportConfig, help="the export step", run_hash=False)
+    eval: EvalConfig = _section(EvalConfig, help="the evaluate step", run_hash=False)
 
     # -- derived ------------------------------------------------------------------------
     @property
     def config_hash(self) -> str:
         """sha256 of the hashed fields, canonical JSON; stable across processes."""
-        payload = json.dumps(_hashed_dict(self), sort_keys=True, separators=(",", ":"))
+        payload = json.dumps(_hashed_dict(self, run=True), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()
 
     @property
@@ -438,6 +457,9 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 
     Overrides are ``dotted.key=value`` strings; values are parsed as YAML scalars
     (``data.image_size=64``, ``data.use_demo_world=false``, ``output_root=s3://b/x``).
+    Keys of an older layout (:data:`RENAMED_KEYS`) are moved to their new place with a
+    warning. Every value is checked alone (type, bounds, allowed values) and then against
+    the others (:func:`validate`); the first problem raises :class:`ConfigError`.
     """
     raw: dict[str, Any] = {}
     if path is not None:
@@ -452,7 +474,8 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for item in overrides:
         _apply_override(raw, item)
-    return build(Config, raw, prefix="")
+    _move_renamed_keys(raw)
+    return validate(build(Config, raw, prefix=""))
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
@@ -474,8 +497,40 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def build(cls: type, raw: Any, *, prefix: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, validating every key and value."""
+# Keys of the earlier flat layout -> their place now (both stages share the optim and lora
+# sections). An old key still works, with a warning; giving both is an error.
+RENAMED_KEYS: dict[str, str] = {
+    f"{stage}.{old}": f"{stage}.{new}"
+    for stage in ("stage1", "stage2")
+    for old, new in (("lora_rank", "lora.rank"), ("lora_alpha", "lora.alpha"),
+                     ("lora_dropout", "lora.dropout"), ("lr", "optim.lr"),
+                     ("warmup_ratio", "optim.warmup_ratio"), ("schedule", "optim.schedule"),
+                     ("weight_decay", "optim.weight_decay"),
+                     ("max_grad_norm", "optim.max_grad_norm"))
+}
+
+
+def _move_renamed_keys(raw: dict[str, Any]) -> None:
+    """Move keys of :data:`RENAMED_KEYS` in ``raw`` (YAML + overrides) to their new place."""
+    for old, new in RENAMED_KEYS.items():
+        section, leaf = old.split(".")
+        node = raw.get(section)
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        group, new_leaf = new.split(".")[1:]
+        target = node.setdefault(group, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{section}.{group}: expected a mapping, got {target!r}")
+        if new_leaf in target:
+            raise ConfigError(f"both {old} and {new} are set; {old} is the old name of {new}: "
+                              "keep only the new one")
+        target[new_leaf] = node.pop(leaf)
+        logger.warning("config key %s is now %s (the old name still works)", old, new)
+
+
+def build(cls: type, raw: Any, *, prefix: str, base: Any = None) -> Any:
+    """Build dataclass ``cls`` from a mapping, validating every key and value; keys not
+    in the mapping keep their value in ``base`` (default: ``cls()``)."""
     where = prefix.rstrip(".") or "<top level>"
     if raw is None:
         raw = {}
@@ -490,19 +545,21 @@ def build(cls: type, raw: Any, *, prefix: str) -> Any:
         hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
         raise ConfigError(f"unknown config key '{prefix}{key}'{hint}; allowed keys in "
                           f"{where}: {', '.join(sorted(fields))}")
+    base = cls() if base is None else base
     values = {}
     for name, value in raw.items():
-        values[name] = _coerce(hints[name], value, f"{prefix}{name}", fields[name].metadata)
-    return cls(**values)
+        values[name] = _coerce(hints[name], value, f"{prefix}{name}", fields[name].metadata,
+                               getattr(base, name))
+    return dataclasses.replace(base, **values)
 
 
-def _coerce(hint: Any, value: Any, key: str, meta: Any) -> Any:
+def _coerce(hint: Any, value: Any, key: str, meta: Any, current: Any = None) -> Any:
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
-        return build(hint, value, prefix=f"{key}.")
+        return build(hint, value, prefix=f"{key}.", base=current)
     if origin is Literal:
         allowed = typing.get_args(hint)
-        if value not in allowed:
+        if not any(value == a and type(value) is type(a) for a in allowed):  # 1 is not True
             raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: "
                               f"{', '.join(map(str, allowed))}")
         return value
@@ -555,14 +612,89 @@ def _as_float(value: Any, key: str) -> float:
     return float(value)
 
 
-def _hashed_dict(obj: Any) -> dict[str, Any]:
+def validate(config: Config) -> Config:
+    """Rules between fields (each value is fine alone, not with the other): the first one
+    broken raises :class:`ConfigError` naming both keys. Returns ``config``.
+
+    Checks that need a library's knowledge (backbone families, the FAISS GPU limit) are the
+    steps' own ``check(config)``; both run before Ray starts (``pipeline.steps``)."""
+    for problem in _cross_field_problems(config):
+        raise ConfigError(problem)
+    return config
+
+
+def _cross_field_problems(config: Config) -> typing.Iterator[str]:
+    mining, stage2, train = config.mining, config.stage2, config.train
+    if mining.search_k < mining.num_negatives:
+        yield (f"mining.search_k={mining.search_k} is below mining.num_negatives="
+               f"{mining.num_negatives}: too few candidates to choose from")
+    if mining.selection == "range" and mining.range_max and mining.range_max <= mining.range_min:
+        yield (f"mining.range_max={mining.range_max} must exceed mining.range_min="
+               f"{mining.range_min}")
+    if mining.index == "ivf" and mining.backend == "torch":
+        yield "mining.index=ivf needs a faiss mining.backend (auto, faiss, faiss_gpu), not torch"
+    if mining.index == "ivf" and mining.ivf_nprobe > mining.ivf_nlist:
+        yield (f"mining.ivf_nprobe={mining.ivf_nprobe} is more than mining.ivf_nlist="
+               f"{mining.ivf_nlist} lists")
+    for key, ratio in (("mining.fn_ratio", mining.fn_ratio), ("stage2.fn_ratio", stage2.fn_ratio)):
+        if ratio is not None and ratio <= 0:
+            yield f"{key}={ratio} must be > 0 (or null)"
+    for key, size in (("stage1.global_batch_groups", config.stage1.global_batch_groups),
+                      ("stage2.global_batch_pairs", stage2.global_batch_pairs)):
+        if size % train.num_workers:
+            yield f"{key}={size} is not a multiple of train.num_workers={train.num_workers}"
+    if train.grad_cache_chunk_size and train.grad_cache_reduce_once and train.zero_stage == 0:
+        yield "train.grad_cache_reduce_once needs train.zero_stage >= 1"
+    if train.precision in ("bf16", "fp16") and train.use_gpu is False:
+        yield (f"train.precision={train.precision} needs GPUs but train.use_gpu=false; use "
+               "fp32 (or auto)")
+    yield from _stage2_negative_problems(config)
+    if not stage2.init:
+        yield "stage2.init is empty: use stage1, student or a model folder"
+    if not config.export.source.strip():
+        yield "export.source is empty: use stage2, stage1 or a model folder"
+    if not config.eval.retrieval_ks or min(config.eval.retrieval_ks) < 1:
+        yield f"eval.retrieval_ks: need K >= 1, got {list(config.eval.retrieval_ks)}"
+
+
+def _stage2_negative_problems(config: Config) -> typing.Iterator[str]:
+    stage2 = config.stage2
+    carried = stage2.mined_negatives + stage2.given_negatives
+    uses = {("negatives", stage2.negatives),
+            ("infonce_warmup_negatives", stage2.infonce_warmup_negatives)}
+    for key, negatives in sorted(uses):
+        if negatives in ("mined", "both") and carried == 0:
+            yield (f"stage2.{key}={negatives} needs stage2.mined_negatives or "
+                   "stage2.given_negatives > 0")
+    if stage2.mined_negatives > config.mining.num_negatives:
+        yield (f"stage2.mined_negatives={stage2.mined_negatives} is more than the "
+               f"mining.num_negatives={config.mining.num_negatives} the mined table holds per "
+               "pair")
+
+
+def _hashed_dict(obj: Any, *, run: bool = False) -> dict[str, Any]:
+    """The fields of a section that change outputs (``hashed``), recursively; with ``run``
+    also without the sections that only their own step hashes (``run_hash=False``)."""
     out = {}
     for f in dataclasses.fields(obj):
-        if not f.metadata.get("hashed", True):
+        if not f.metadata.get("hashed", True) or (run and not f.metadata.get("run_hash", True)):
             continue
         value = getattr(obj, f.name)
         out[f.name] = _hashed_dict(value) if dataclasses.is_dataclass(value) else value
     return out
+
+
+def hashed_value(config: Config, key: str) -> Any:
+    """The value of a dotted key or section as it enters a step's hash: a section as the
+    dict of its hashed fields, a runtime-only key as None."""
+    value: Any = config
+    owner: Any = None
+    for part in key.split("."):
+        owner, value = value, getattr(value, part)
+    declared = next(f for f in dataclasses.fields(owner) if f.name == key.rsplit(".", 1)[-1])
+    if not declared.metadata.get("hashed", True):
+        return None
+    return _hashed_dict(value) if dataclasses.is_dataclass(value) else value
 
 
 def iter_fields(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, Any]]:
@@ -579,3 +711,42 @@ def describe(config: Config) -> str:
     """The resolved config as YAML, for logs and manifests."""
     header = f"# run {config.run_name} (config_hash {config.config_hash[:16]})\n"
     return header + yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def describe_knobs(config: Config | None = None) -> str:
+    """Every knob, one per line: ``key = value`` (``config``'s, else the default), its type or
+    allowed values, bounds, whether it enters the hashes, and its help text."""
+    config = config or Config()
+    lines = []
+    for key, f in iter_fields():
+        value: Any = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        hint = typing.get_type_hints(_owner_class(key))[key.rsplit(".", 1)[-1]]
+        kind = (" | ".join(map(str, typing.get_args(hint))) if typing.get_origin(hint) is Literal
+                else getattr(hint, "__name__", str(hint).replace("typing.", "")))
+        bounds = "".join(f" {name} {f.metadata[name]}" for name in ("min", "max")
+                         if f.metadata.get(name) is not None)
+        runtime = "" if _is_hashed(key) else " [runtime: not hashed]"
+        lines.append(f"{key} = {json.dumps(value, default=list)}  ({kind}{bounds}){runtime}\n"
+                     f"    {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def _owner_class(key: str) -> type:
+    """The dataclass that declares the leaf of a dotted key."""
+    cls: type = Config
+    for part in key.split(".")[:-1]:
+        cls = typing.get_type_hints(cls)[part]
+    return cls
+
+
+def _is_hashed(key: str) -> bool:
+    """False if the key or one of its sections is marked runtime-only (in no hash)."""
+    cls: type = Config
+    for part in key.split("."):
+        f = next(f for f in dataclasses.fields(cls) if f.name == part)
+        if not f.metadata.get("hashed", True):
+            return False
+        cls = typing.get_type_hints(cls)[part]
+    return True

@@ -27,10 +27,10 @@ def test_yaml_and_overrides_are_typed():
 
 def test_float_knobs_accept_yaml_1_1_exponents():
     # PyYAML reads "1e-3" (no dot) as a string; float knobs take it as the number it is.
-    config = load_config(DEMO, ["stage1.lr=1e-3", "mining.fn_ratio=9.5e-1"])
-    assert config.stage1.lr == 1e-3 and config.mining.fn_ratio == 0.95
-    with pytest.raises(ConfigError, match="stage1.lr: expected a number, got 'fast'"):
-        load_config(DEMO, ["stage1.lr=fast"])
+    config = load_config(DEMO, ["stage1.optim.lr=1e-3", "mining.fn_ratio=9.5e-1"])
+    assert config.stage1.optim.lr == 1e-3 and config.mining.fn_ratio == 0.95
+    with pytest.raises(ConfigError, match="stage1.optim.lr: expected a number, got 'fast'"):
+        load_config(DEMO, ["stage1.optim.lr=fast"])
 
 
 def test_frozen():
@@ -114,3 +114,80 @@ def test_every_config_field_is_read_in_pipeline():
         if not read:
             unread.append(key)
     assert not unread, f"config fields never read in pipeline/: {unread}"
+
+
+def test_stages_share_the_optim_and_lora_sections_with_their_own_defaults():
+    config = load_config(None, ["stage2.lora.rank=4"])
+    assert type(config.stage1.optim) is type(config.stage2.optim)
+    assert type(config.stage1.lora) is type(config.stage2.lora)
+    assert (config.stage1.lora.rank, config.stage1.lora.alpha, config.stage1.optim.lr) == \
+        (32, 64, 5e-4)
+    # a partly given section keeps the rest of its stage's defaults, not the class's
+    assert (config.stage2.lora.rank, config.stage2.lora.alpha, config.stage2.optim.lr) == \
+        (4, 32, 1e-4)
+
+
+def test_old_flat_keys_move_to_the_shared_sections(caplog):
+    config = load_config(None, ["stage1.lr=2e-4", "stage2.lora_rank=4"])
+    assert config.stage1.optim.lr == 2e-4 and config.stage2.lora.rank == 4
+    assert "stage1.lr is now stage1.optim.lr" in caplog.text
+    with pytest.raises(ConfigError, match="both stage2.lr and stage2.optim.lr are set"):
+        load_config(None, ["stage2.lr=1e-4", "stage2.optim.lr=2e-4"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["mining.search_k=2", "mining.num_negatives=8"],
+     "mining.search_k=2 is below mining.num_negatives=8"),
+    (["mining.selection=range", "mining.range_min=5", "mining.range_max=5"],
+     "mining.range_max=5 must exceed mining.range_min=5"),
+    (["mining.index=ivf", "mining.backend=torch"], "mining.index=ivf needs a faiss"),
+    (["mining.index=ivf", "mining.ivf_nlist=4", "mining.ivf_nprobe=8"],
+     "mining.ivf_nprobe=8 is more than mining.ivf_nlist=4"),
+    (["mining.fn_ratio=0"], "mining.fn_ratio=0.0 must be > 0"),
+    (["stage2.fn_ratio=-1"], "stage2.fn_ratio=-1.0 must be > 0"),
+    (["train.num_workers=3"], "stage1.global_batch_groups=256 is not a multiple of "
+                              "train.num_workers=3"),
+    (["train.num_workers=3", "stage1.global_batch_groups=3"],
+     "stage2.global_batch_pairs=1024 is not a multiple of train.num_workers=3"),
+    (["train.grad_cache_chunk_size=4", "train.zero_stage=0"],
+     "train.grad_cache_reduce_once needs train.zero_stage >= 1"),
+    (["train.precision=bf16", "train.use_gpu=false"], "train.precision=bf16 needs GPUs"),
+    (["stage2.mined_negatives=0", "stage2.given_negatives=0"],
+     "stage2.negatives=both needs stage2.mined_negatives or stage2.given_negatives > 0"),
+    (["stage2.mined_negatives=9"], "stage2.mined_negatives=9 is more than the "
+                                   "mining.num_negatives=8"),
+    (["stage2.init="], "stage2.init is empty"),
+    (["export.source="], "export.source is empty"),
+    (["eval.retrieval_ks=[]"], r"eval.retrieval_ks: need K >= 1"),
+])
+def test_cross_field_rules_name_both_keys(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message) if "\\" not in message else message):
+        load_config(None, overrides)
+
+
+def test_literal_booleans_are_not_numbers():
+    assert load_config(None, ["ray.progress_bars=false"]).ray.progress_bars is False
+    assert load_config(None, []).ray.progress_bars == "auto"
+    with pytest.raises(ConfigError, match="ray.progress_bars: 0 is not allowed"):
+        load_config(None, ["ray.progress_bars=0"])
+
+
+def test_knob_listing_shows_every_field_with_value_bounds_and_help():
+    from pipeline.config import describe_knobs
+
+    config = load_config(DEMO)
+    text = describe_knobs(config)
+    keys = [line.split(" = ")[0] for line in text.splitlines() if not line.startswith(" ")]
+    assert keys == [key for key, _ in iter_fields()]
+    lines = text.splitlines()
+    row = lines[keys.index("stage2.lora.rank") * 2]
+    assert row == "stage2.lora.rank = 8  (int min 1)"
+    assert "LoRA rank" in lines[keys.index("stage2.lora.rank") * 2 + 1]
+    assert "[runtime: not hashed]" in lines[keys.index("ray.num_cpus") * 2]
+    assert "[runtime" not in lines[keys.index("eval.prompt_mode") * 2]   # its step hashes it
+
+
+def test_eval_and_export_settings_do_not_move_the_run_folder():
+    a = load_config(DEMO)
+    b = load_config(DEMO, ["eval.prompt_mode=raw", "export.dtype=bfloat16"])
+    assert a.config_hash == b.config_hash

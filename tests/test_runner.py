@@ -48,7 +48,7 @@ def test_variants_read_the_run_folder_and_change_only_stage2(name: str) -> None:
 
 
 @pytest.mark.parametrize("error, status, message", [
-    (ConfigError("stage2.lr: bad"), 2, "config error: stage2.lr: bad"),
+    (ConfigError("stage2.optim.lr: bad"), 2, "config error: stage2.optim.lr: bad"),
     (IncompleteOutputError("x/mine_negatives has no _manifest.json"), 1,
      "error: x/mine_negatives has no _manifest.json"),
     (FileNotFoundError("model.path: /m does not exist"), 1, "error: model.path: /m does not exist"),

@@ -250,7 +250,7 @@ def tiny_source(tmp_path_factory: pytest.TempPathFactory) -> StudentSource:
 
 
 def spec_for(source: StudentSource, chunk_size: int, *extra: str) -> tuple[Stage2Spec, Config]:
-    config = load_config(None, ["stage2.lora_rank=2", "stage2.lora_dropout=0.0",
+    config = load_config(None, ["stage2.lora.rank=2", "stage2.lora.dropout=0.0",
                                 "stage2.mined_negatives=2", "stage2.given_negatives=1",
                                 "stage2.num_hard_negatives=2", "stage2.temperature=0.05",
                                 f"train.grad_cache_chunk_size={chunk_size}", *extra])
@@ -400,8 +400,8 @@ SMALL = ["data.demo.num_train_images=12", "data.demo.num_eval_images=8",
          "ray.progress_bars=false", "mining.num_actors=1", "mining.num_negatives=3",
          "stage2.init=student", "stage2.global_batch_pairs=8", "stage2.steps=10",
          "stage2.batching=per_dataset",
-         "stage2.lora_rank=4", "stage2.lora_alpha=8", "stage2.lora_dropout=0.1",
-         "stage2.lr=1.0e-3", "stage2.warmup_ratio=0.1", "stage2.mined_negatives=3",
+         "stage2.lora.rank=4", "stage2.lora.alpha=8", "stage2.lora.dropout=0.1",
+         "stage2.optim.lr=1.0e-3", "stage2.optim.warmup_ratio=0.1", "stage2.mined_negatives=3",
          "stage2.temperature=0.05", "stage2.infonce_warmup_steps=0", "train.num_workers=2",
          "train.cpus_per_worker=1",
          "train.grad_cache_chunk_size=7", "train.checkpoint_every_steps=2",

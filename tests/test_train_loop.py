@@ -301,7 +301,7 @@ def test_stage1_keeps_the_vision_tower_frozen_and_in_eval_mode(tmp_path) -> None
     from pipeline.train.stage1 import Stage1Spec, StudentSource
 
     path = build_tiny_model("llava_next", tmp_path / "tiny", vocab_texts=["a red circle"])
-    config = load_config(None, ["stage1.lora_rank=2"])
+    config = load_config(None, ["stage1.lora.rank=2"])
     settings = loop.LoopSettings(stage="stage1", stage_dir=str(tmp_path), train=config.train,
                                  optim=None, global_batch_rows=2, row_keys=("a", "b"),  # type: ignore[arg-type]
                                  precision="fp32", use_gpu=False)

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from pipeline import outputs, storage
-from pipeline.config import Config, TrainConfig
+from pipeline.config import Config, OptimConfig, TrainConfig
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.metrics import MetricsLogger
 
@@ -74,27 +74,13 @@ class StepMismatchError(RuntimeError):
 
 # -- settings ------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class OptimSettings:
-    """A stage's optimizer and schedule knobs."""
-
-    lr: float
-    warmup_ratio: float
-    schedule: str
-    weight_decay: float
-    max_grad_norm: float
-    epochs: int
-    max_steps: int
-    scheduled_steps: int = 0  # the schedule's horizon; 0 = epochs x steps per epoch
-
-
-@dataclasses.dataclass(frozen=True)
 class LoopSettings:
     """Everything the worker loop needs besides the stage itself (built on the driver)."""
 
     stage: str                    # e.g. "stage1"; also the metrics prefix
     stage_dir: str                # absolute URI of the stage's output folder
     train: TrainConfig
-    optim: OptimSettings
+    optim: OptimConfig            # the stage's AdamW and LR schedule knobs
     global_batch_rows: int        # rows (e.g. text groups) per optimizer step, all ranks
     row_keys: tuple[str, ...]     # sorted keys of every input row
     precision: str                # resolved: fp32 | bf16 | fp16
@@ -102,6 +88,9 @@ class LoopSettings:
     log_level: str = "INFO"
     sample_unit: str = "samples"  # what samples/s counts, e.g. "texts"
     row_groups: tuple[int, ...] = ()  # per row key: its group (e.g. dataset); () = one group
+    epochs: int = 1               # passes over the rows when scheduled_steps is 0
+    max_steps: int = 0            # stop this launch after this step (0 = the whole schedule)
+    scheduled_steps: int = 0      # the schedule's horizon; 0 = epochs x steps per epoch
 
     @property
     def steps_per_epoch(self) -> int:
@@ -117,13 +106,13 @@ class LoopSettings:
     def total_steps(self) -> int:
         """The LR schedule's horizon: ``scheduled_steps``, else every epoch (``max_steps``
         does not change it). Steps past the end of an epoch start the next one."""
-        return self.optim.scheduled_steps or self.optim.epochs * self.steps_per_epoch
+        return self.scheduled_steps or self.epochs * self.steps_per_epoch
 
     @property
     def stop_step(self) -> int:
         """Step after which this launch stops: ``max_steps`` or the whole schedule."""
-        if self.optim.max_steps:
-            return min(self.optim.max_steps, self.total_steps)
+        if self.max_steps:
+            return min(self.max_steps, self.total_steps)
         return self.total_steps
 
 
@@ -634,17 +623,9 @@ def fit(spec: StageSpec, dataset: Any, config: Config) -> Any:
     return result
 
 
-def optim_settings(knobs: dict[str, Any], *, scheduled_steps: int = 0) -> OptimSettings:
-    """The optimizer knobs of a stage's config section, given as
-    ``dataclasses.asdict(config.stage1)`` (or ``stage2``): the fields of
-    :class:`OptimSettings` are taken by name."""
-    names = [f.name for f in dataclasses.fields(OptimSettings) if f.name != "scheduled_steps"]
-    return OptimSettings(**{name: knobs[name] for name in names},
-                         scheduled_steps=scheduled_steps)
-
-
 def build_settings(config: Config, *, stage: str, folder: str, keys: tuple[str, ...],
-                   optim: OptimSettings, global_batch_rows: int, sample_unit: str,
+                   optim: OptimConfig, global_batch_rows: int, sample_unit: str,
+                   epochs: int = 1, max_steps: int = 0, scheduled_steps: int = 0,
                    row_groups: tuple[int, ...] = ()) -> LoopSettings:
     """A stage's loop settings (resolves GPU use and precision; errors name the key)."""
     from pipeline.config import ConfigError
@@ -657,7 +638,8 @@ def build_settings(config: Config, *, stage: str, folder: str, keys: tuple[str, 
     return LoopSettings(stage=stage, stage_dir=absolute_uri(folder), train=config.train,
                         optim=optim, global_batch_rows=global_batch_rows, row_keys=keys,
                         precision=precision, use_gpu=use_gpu, log_level=config.log_level,
-                        sample_unit=sample_unit, row_groups=row_groups)
+                        sample_unit=sample_unit, row_groups=row_groups, epochs=epochs,
+                        max_steps=max_steps, scheduled_steps=scheduled_steps)
 
 
 def finished_run(config_hash: str, folder: str, target_steps: int,

@@ -2,6 +2,7 @@
 
 Stage 1 puts LoRA on the language model only (vision tower and projector frozen, in eval
 mode, unused); stage 2 puts it on the whole MLLM by default (``stage2.lora_vision``).
+Each stage's ``lora`` section (:class:`pipeline.config.LoraConfig`) sets rank, alpha, dropout.
 """
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from typing import Any
 
 import torch
 
+from pipeline.config import LoraConfig as LoraSettings
 from pipeline.train.checkpoint import FrozenParameterError
 
 
-def attach_lora(embedder: Any, *, rank: int, alpha: int, dropout: float, include_vision: bool,
+def attach_lora(embedder: Any, lora: LoraSettings, *, include_vision: bool,
                 seed: int) -> Any:
-    """Wrap ``embedder.model`` with PEFT LoRA in place; LoRA is then the only trainable part.
+    """Wrap ``embedder.model`` with PEFT LoRA (``lora``: a stage's ``lora`` section:
+    rank, alpha, dropout) in place; LoRA is then the only trainable part.
 
     Without ``include_vision`` the vision tower and projector are frozen first. The LoRA
     init is drawn from ``seed`` alone: identical on every rank and under every ZeRO stage
@@ -26,14 +29,14 @@ def attach_lora(embedder: Any, *, rank: int, alpha: int, dropout: float, include
 
     if not include_vision:
         freeze_vision(embedder.model, embedder.spec)
-    lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                      target_modules=lora_target_regex(embedder.spec,
-                                                       include_vision=include_vision))
+    peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=lora_target_regex(embedder.spec,
+                                                              include_vision=include_vision))
     for param in embedder.parameters():
         param.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        embedder.model = get_peft_model(embedder.model, lora)
+        embedder.model = get_peft_model(embedder.model, peft_config)
     trainable = [n for n, p in embedder.named_parameters() if p.requires_grad]
     if not trainable or any("lora_" not in name for name in trainable):
         raise RuntimeError(f"LoRA must be the only trainable part, got {trainable[:5]}")

@@ -111,8 +111,7 @@ class Stage1Spec:
         embedder = Embedder.from_pretrained(self.student.uri, family=self.student.family or None,
                                             trust_remote_code=self.student.trust_remote_code,
                                             dtype=dtype, device=device)
-        return attach_lora(embedder, rank=self.stage1.lora_rank, alpha=self.stage1.lora_alpha,
-                           dropout=self.stage1.lora_dropout, include_vision=False,
+        return attach_lora(embedder, self.stage1.lora, include_vision=False,
                            seed=self.settings.train.seed)
 
     def build_model(self, ctx: loop.WorkerContext) -> torch.nn.Module:
@@ -121,7 +120,7 @@ class Stage1Spec:
             n_train, n_all = parameter_counts(embedder)
             logger.info("stage1 student %s (%s): %d of %d parameters train (LoRA r=%d on the "
                         "language model)", self.student.uri, embedder.spec.family, n_train,
-                        n_all, self.stage1.lora_rank)
+                        n_all, self.stage1.lora.rank)
         return embedder
 
     def set_train_mode(self, module: torch.nn.Module) -> None:
@@ -331,7 +330,8 @@ def stage1(config: Config) -> dict[str, Any]:
 def loop_settings(config: Config, folder: str, keys: tuple[str, ...]) -> loop.LoopSettings:
     """The training loop's settings for stage 1 (resolves GPU use and precision)."""
     return loop.build_settings(config, stage=STEP, folder=folder, keys=keys,
-                               optim=loop.optim_settings(dataclasses.asdict(config.stage1)),
+                               optim=config.stage1.optim, epochs=config.stage1.epochs,
+                               max_steps=config.stage1.max_steps,
                                global_batch_rows=config.stage1.global_batch_groups,
                                sample_unit="texts")
 

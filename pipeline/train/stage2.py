@@ -237,9 +237,7 @@ class Stage2Spec:
                                             trust_remote_code=self.init.trust_remote_code,
                                             dtype=dtype, device=device)
         embedder.prompt_mode = self.stage2.prompt_mode
-        return attach_lora(embedder, rank=self.stage2.lora_rank, alpha=self.stage2.lora_alpha,
-                           dropout=self.stage2.lora_dropout,
-                           include_vision=self.stage2.lora_vision,
+        return attach_lora(embedder, self.stage2.lora, include_vision=self.stage2.lora_vision,
                            seed=self.settings.train.seed)
 
     def build_model(self, ctx: loop.WorkerContext) -> torch.nn.Module:
@@ -248,7 +246,7 @@ class Stage2Spec:
             n_train, n_all = parameter_counts(embedder)
             logger.info("stage2 model %s (%s): %d of %d parameters train (LoRA r=%d, %s)",
                         self.init.uri, embedder.spec.family, n_train, n_all,
-                        self.stage2.lora_rank, "whole MLLM" if self.stage2.lora_vision
+                        self.stage2.lora.rank, "whole MLLM" if self.stage2.lora_vision
                         else "language model only")
         return embedder
 
@@ -433,8 +431,9 @@ def stage2(config: Config, folder: str | None = None) -> dict[str, Any]:
     stage2_cfg = config.stage2
     settings = loop.build_settings(
         config, stage=STEP, folder=folder, keys=keys,
-        optim=loop.optim_settings(dataclasses.asdict(config.stage2),
-                                scheduled_steps=stage2_cfg.steps),
+        optim=config.stage2.optim, epochs=config.stage2.epochs,
+        max_steps=config.stage2.max_steps,
+        scheduled_steps=stage2_cfg.steps,
         global_batch_rows=stage2_cfg.global_batch_pairs, sample_unit="items",
         row_groups=batch_groups(config, datasets))
     done = loop.finished_run(config.config_hash, folder, settings.stop_step, STEP)
