@@ -22,13 +22,13 @@ sys.path.insert(0, str(REPO))
 from pipeline import outputs  # noqa: E402
 from pipeline.cli import parse_config  # noqa: E402
 from pipeline.models import Embedder, Teacher  # noqa: E402
-from pipeline.models.teacher_embed import teacher_kwargs  # noqa: E402
-from pipeline.train.stage1 import STEP, heldout_texts, similarity_agreement  # noqa: E402
+from pipeline.models.teacher import teacher_kwargs  # noqa: E402
+from pipeline.train.stage1 import heldout_texts, similarity_agreement  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
     config = parse_config(argv, __doc__)
-    manifest = outputs.require_complete(config.step_dir(STEP))
+    manifest = outputs.require_complete(config.step_dir("stage1"))
     texts = heldout_texts(config)
     teacher_emb = Teacher(**teacher_kwargs(config.teacher)).encode(texts)  # (n, D_t)
     result = {"config": config.run_name, "texts": len(texts), "pairs": len(texts) * (len(texts) - 1) // 2,

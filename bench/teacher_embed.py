@@ -4,7 +4,7 @@
 
 In one run, on the same N texts (demo captions and NLI-like sentences of mixed length):
 (a) baseline: one process, ``Teacher.encode`` (SentenceTransformer.encode, all cores);
-(b) the teacher job (``pipeline.models.teacher_embed``) on a local Ray instance, for each
+(b) the teacher job (``pipeline.steps.teacher_embed``) on a local Ray instance, for each
     actor count, timed with start-up (Ray, actors, model loads) and without it (first
     shard start to last shard end). Prints texts/s, tokens/s and the ratio (b)/(a);
     writes bench/results/teacher_embed.json.
@@ -73,8 +73,8 @@ def baseline(texts: list[str], batch_size: int) -> dict:
 def ray_job(texts: list[str], actors: int, batch_size: int, rows_per_shard: int) -> dict:
     import ray
 
-    from pipeline.models.teacher_embed import teacher_embed
     from pipeline.ray_utils import init_ray
+    from pipeline.steps.teacher_embed import run as teacher_embed
 
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(os.path.join(os.path.dirname(__file__), "..", "jobs", "configs",

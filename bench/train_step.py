@@ -78,8 +78,9 @@ import torch  # noqa: E402
 from pipeline.config import Config, OptimConfig, load_config  # noqa: E402
 from pipeline.data.demo_world import DemoWorldFiles, generate_demo_world  # noqa: E402
 from pipeline.models import build_tiny_model  # noqa: E402
+from pipeline.models.student import StudentSource  # noqa: E402
 from pipeline.train import loop  # noqa: E402
-from pipeline.train.stage1 import Stage1Spec, StudentSource, TextGroup  # noqa: E402
+from pipeline.train.stage1 import Stage1Spec, TextGroup  # noqa: E402
 from pipeline.train.stage2 import PairRow, Stage2Spec, decode_pairs  # noqa: E402
 
 TEACHER_DIM = 384

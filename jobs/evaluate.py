@@ -14,11 +14,10 @@ from __future__ import annotations
 import _bootstrap  # noqa: F401  (makes `pipeline` importable from a plain checkout)
 
 from pipeline.cli import run_step
-from pipeline.eval.evaluate import STEP, evaluate, format_summary
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_step(argv, __doc__, step=STEP, run=evaluate, summarize=format_summary)
+    run_step(argv, "evaluate", __doc__)
 
 
 if __name__ == "__main__":

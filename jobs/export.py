@@ -17,11 +17,10 @@ from __future__ import annotations
 import _bootstrap  # noqa: F401  (makes `pipeline` importable from a plain checkout)
 
 from pipeline.cli import run_step
-from pipeline.export import STEP, export, format_summary
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_step(argv, __doc__, step=STEP, run=export, summarize=format_summary, use_ray=False)
+    run_step(argv, "export", __doc__)
 
 
 if __name__ == "__main__":

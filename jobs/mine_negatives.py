@@ -13,11 +13,10 @@ from __future__ import annotations
 import _bootstrap  # noqa: F401  (makes `pipeline` importable from a plain checkout)
 
 from pipeline.cli import run_step
-from pipeline.mine_negatives import STEP, format_summary, mine_negatives
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_step(argv, __doc__, step=STEP, run=mine_negatives, summarize=format_summary)
+    run_step(argv, "mine_negatives", __doc__)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,10 @@ from __future__ import annotations
 import _bootstrap  # noqa: F401  (makes `pipeline` importable from a plain checkout)
 
 from pipeline.cli import run_step
-from pipeline.data.prepare import format_summary, prepare_data
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_step(argv, __doc__, step="prepare_data", run=prepare_data, summarize=format_summary)
+    run_step(argv, "prepare_data", __doc__)
 
 
 if __name__ == "__main__":

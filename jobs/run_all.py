@@ -10,27 +10,13 @@ Precision@1 per eval set for the untrained, stage-1 and stage-2 models.
 """
 from __future__ import annotations
 
-import sys
-
 import _bootstrap  # noqa: F401  (makes `pipeline` importable from a plain checkout)
 
-from pipeline.cli import parse_config
-from pipeline.config import ConfigError
-from pipeline.ray_utils import init_ray
-from pipeline.runner import run_all
-from pipeline.train import stage1, stage2
+from pipeline.cli import run_pipeline
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(argv, __doc__)
-    try:
-        stage1.check_config(config)  # before Ray starts
-        stage2.check_config(config)
-        init_ray(config)
-        run_all(config)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+    run_pipeline(argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,10 @@ from __future__ import annotations
 import _bootstrap  # noqa: F401  (makes `pipeline` importable from a plain checkout)
 
 from pipeline.cli import run_step
-from pipeline.train.stage1 import STEP, check_config, format_summary, stage1
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_step(argv, __doc__, step=STEP, run=stage1, summarize=format_summary, check=check_config)
+    run_step(argv, "stage1", __doc__)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,10 @@ from __future__ import annotations
 import _bootstrap  # noqa: F401  (makes `pipeline` importable from a plain checkout)
 
 from pipeline.cli import run_step
-from pipeline.train.stage2 import STEP, check_config, format_summary, stage2
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_step(argv, __doc__, step=STEP, run=stage2, summarize=format_summary, check=check_config)
+    run_step(argv, "stage2", __doc__)
 
 
 if __name__ == "__main__":

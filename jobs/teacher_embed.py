@@ -11,11 +11,10 @@ from __future__ import annotations
 import _bootstrap  # noqa: F401  (makes `pipeline` importable from a plain checkout)
 
 from pipeline.cli import run_step
-from pipeline.models.teacher_embed import STEP, format_summary, teacher_embed
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_step(argv, __doc__, step=STEP, run=teacher_embed, summarize=format_summary)
+    run_step(argv, "teacher_embed", __doc__)
 
 
 if __name__ == "__main__":

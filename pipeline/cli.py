@@ -1,68 +1,134 @@
-"""What every entry point in ``jobs/`` does first: parse the config, set up logging and
-storage. Usage: ``python jobs/<step>.py --config <yaml> [dotted.key=value ...]``."""
+"""What every entry point in ``jobs/`` does: parse the config, check everything that can be
+checked before Ray starts, then start or join Ray and run one step (or all of them).
+
+Usage: ``python jobs/<step>.py --config <yaml> [dotted.key=value ...]``;
+``--show-config`` lists every knob with its value, bounds and help instead.
+
+Exit status: 0 on success; 2 for a bad config (a key, a value, two values that do not go
+together, a setting a library refuses); 1 for a missing, stale or unreadable input (a source
+file, a model folder, an upstream step that has not run: the message names the job to run
+first). Both print one line on stderr, before Ray starts wherever it can be known then;
+``log_level=DEBUG`` adds the traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import ModuleType
 from typing import Any
 
 from pipeline import storage
-from pipeline.config import Config, ConfigError, describe, load_config
+from pipeline.config import Config, ConfigError, describe, describe_knobs, load_config
 
 logger = logging.getLogger(__name__)
 
 
 def parse_config(argv: list[str] | None, description: str) -> Config:
-    """Config from ``--config`` and overrides; exits with status 2 and the reason if bad."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML config, e.g. jobs/configs/demo.yaml")
+    """Config from ``--config`` and overrides (``--show-config`` prints the knobs and exits);
+    exits with status 2 and the reason if bad. Storage is configured, logging is not yet."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config, e.g. jobs/configs/demo.yaml")
+    parser.add_argument("--show-config", action="store_true",
+                        help="list every config knob (value, type, bounds, help) and exit")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args = parser.parse_args(argv)
-    try:
+    if not args.config and not args.show_config:
+        parser.error("--config is required (or --show-config to list the knobs)")
+    with exit_codes(None):
         config = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
-    setup(config)
-    logger.info("resolved config:\n%s", describe(config))
-    return config
-
-
-def setup(config: Config) -> None:
-    """Logging and storage settings of this process."""
-    logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.show_config:
+        print(describe_knobs(config))
+        raise SystemExit(0)
     storage.configure(s3_endpoint_url=config.storage.s3_endpoint_url,
                       s3_region=config.storage.s3_region,
                       max_attempts=config.storage.max_attempts)
+    return config
 
 
-def run_step(argv: list[str] | None, description: str, *, step: str,
-             run: Callable[[Config], dict[str, Any]],
-             summarize: Callable[[dict[str, Any], str], str],
-             check: Callable[[Config], None] | None = None,
-             use_ray: bool = True) -> dict[str, Any]:
-    """What a ``jobs/<step>.py`` does: parse the config, run ``check`` (before Ray starts),
-    start or join Ray, run the step and print its summary. A bad config exits with status 2
-    and a missing, incomplete or unreachable input (e.g. "run stage1 first") with status 1,
-    each with a one-line message instead of a traceback (``log_level=DEBUG`` shows it)."""
-    config = parse_config(argv, description)
+def setup_logging(config: Config) -> None:
+    """Log lines on stderr at ``log_level``; the resolved config is the first of them."""
+    logging.basicConfig(level=config.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.info("resolved config:\n%s", describe(config))
+
+
+@contextmanager
+def exit_codes(config: Config | None) -> Iterator[None]:
+    """Turn the errors a user can fix into one line on stderr and an exit status."""
+    from pipeline.data.readers import SourceError
+
     try:
-        if check is not None:
-            check(config)
-        if use_ray:
+        yield
+    except ConfigError as err:
+        _debug_traceback(config)
+        print(f"config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    except (FileNotFoundError, storage.StorageError, SourceError) as err:
+        _debug_traceback(config)
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from err
+
+
+def _debug_traceback(config: Config | None) -> None:
+    if config is not None and config.log_level == "DEBUG":
+        logger.debug("the error's traceback", exc_info=True)
+
+
+def check_before_ray(config: Config, step: Any, *, inputs: bool = True) -> None:
+    """Everything a step can refuse before Ray starts: its config (``check``), its inputs
+    that no step writes (``check_sources``), its upstream steps (complete and fresh; not for
+    run_all, which runs them) and the checks against their manifests (``preflight``)."""
+    from pipeline.steps import base
+
+    step.check(config)
+    _optional(step, "check_sources")(config)
+    if inputs:
+        base.require_inputs(config, step)
+        _optional(step, "preflight")(config)
+
+
+def _optional(step: Any, hook: str) -> Callable[[Config], None]:
+    return getattr(step, hook, None) or (lambda config: None)
+
+
+def run_step(argv: list[str] | None, step: str | ModuleType | Any,
+             description: str = "") -> dict[str, Any]:
+    """What a ``jobs/<step>.py`` does: parse the config, run every check (before Ray starts),
+    replace the step's folder if it holds outputs of other settings, start or join Ray when
+    the step uses it, run the step and print its summary."""
+    from pipeline.steps import base
+
+    step = base.get(step) if isinstance(step, str) else step
+    config = parse_config(argv, description or step.__doc__ or "")
+    with exit_codes(config):
+        check_before_ray(config, step)
+        setup_logging(config)
+        base.replace_stale(config.step_dir(step.NAME), base.step_hash(config, step.NAME),
+                           base.identity(config, step.NAME))
+        if step.USES_RAY:
             from pipeline.ray_utils import init_ray
 
             init_ray(config)
-        manifest = run(config)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
-    except (FileNotFoundError, storage.StorageError) as err:
-        logger.debug("missing or unreadable input", exc_info=True)
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from err
-    print(summarize(manifest, config.step_dir(step)))
+        manifest = step.run(config)
+    print(step.summarize(manifest, config.step_dir(step.NAME)))
     return manifest
+
+
+def run_pipeline(argv: list[str] | None, description: str = "") -> dict[str, Any]:
+    """What ``jobs/run_all.py`` does: parse the config, run every step's checks that need no
+    upstream outputs (before Ray starts), then every step in order (``pipeline.runner``)."""
+    from pipeline.ray_utils import init_ray
+    from pipeline.runner import run_all
+    from pipeline.steps import all_steps
+
+    config = parse_config(argv, description)
+    with exit_codes(config):
+        for step in all_steps():
+            check_before_ray(config, step, inputs=False)
+        setup_logging(config)
+        init_ray(config)
+        return run_all(config)

@@ -146,7 +146,7 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class MiningConfig:
-    """Offline hard-negative mining over the stage-2 pairs (DESIGN section 6)."""
+    """Offline hard-negative mining over the stage-2 pairs (README: offline hard-negative mining)."""
 
     miner: str = _knob("stage1", help="model that embeds queries and targets: 'stage1' = "
                        "<run_root>/stage1/model, or an Embedder folder / s3:// prefix")

@@ -246,7 +246,7 @@ def hard_negative_loss(
     """UniME stage-2 loss: InfoNCE over the positive and k filtered hard negatives.
 
     For query i with cosines ``s+_i = cos(q_i, pos_i)`` and ``s_ic = cos(q_i, c)`` to its
-    candidates c (UNIME_METHOD.md, stage 2)::
+    candidates c (UniME, arXiv 2504.17432, stage 2)::
 
         N_i = top-k { c in C_i : key(c) != key(pos_i),  not s_ic > s+_i + fn_margin,
                                  not s_ic > ratio_threshold(s+_i) }

@@ -1,4 +1,4 @@
-"""One output folder of a job: deterministic shards, rejects, manifest (DESIGN section 3).
+"""One output folder of a job: deterministic shards, rejects, manifest (README: outputs).
 
 Layout of a folder::
 
@@ -74,15 +74,18 @@ class IncompleteOutputError(storage.StorageError):
 
 
 class OutputConflictError(storage.StorageError):
-    """The folder belongs to a run with another config."""
+    """The folder belongs to another step identity (other settings or inputs)."""
 
 
 class ShardedOutput:
-    """Writer/reader of one job output folder."""
+    """Writer/reader of one job output folder, owned by one step identity.
 
-    def __init__(self, folder: str, config_hash: str, schema: pa.Schema) -> None:
+    ``owner`` is the step hash (:func:`pipeline.steps.base.step_hash`): the folder's
+    ``_job.json`` records it, and another owner is refused instead of mixing outputs."""
+
+    def __init__(self, folder: str, owner: str, schema: pa.Schema) -> None:
         self.folder = folder.rstrip("/")
-        self.config_hash = config_hash
+        self.owner = owner
         self.schema = schema
 
     # -- paths ----------------------------------------------------------------------------
@@ -98,17 +101,23 @@ class ShardedOutput:
         return storage.join(self.folder, STATS_DIR, name)
 
     # -- lifecycle -----------------------------------------------------------------------
-    def claim(self) -> None:
-        """Mark the folder as this config's; refuse a folder of another config."""
+    def claim(self, record: dict[str, Any] | None = None) -> None:
+        """Mark the folder as this owner's (``record``: what else ``_job.json`` keeps, e.g.
+        the step's identity); refuse a folder of another owner."""
         job_uri = storage.join(self.folder, JOB_FILE)
         if storage.exists(job_uri):
-            owner = storage.read_json(job_uri).get("config_hash")
-            if owner != self.config_hash:
+            recorded = storage.read_json(job_uri)
+            owner = recorded.get("owner")
+            if owner != self.owner:
+                changed = describe_changes(recorded.get("identity"),
+                                           (record or {}).get("identity"))
                 raise OutputConflictError(
-                    f"{self.folder} holds outputs of another config (config_hash {owner:.12}, "
-                    f"this run {self.config_hash:.12}); choose another output_root or delete it")
+                    f"{self.folder} holds outputs of another config, made with other settings "
+                    f"({changed}; step hash {str(owner):.12}, this run {self.owner:.12}); "
+                    "choose another output_root or delete it (jobs/<step>.py and run_all "
+                    "replace it)")
             return
-        storage.write_json(job_uri, {"config_hash": self.config_hash})
+        storage.write_json(job_uri, {"owner": self.owner, **(record or {})})
 
     def done_shards(self, num_shards: int) -> set[int]:
         """Shards below ``num_shards`` whose data and rejects files are complete."""
@@ -132,9 +141,10 @@ class ShardedOutput:
         reasons = storage.read_table(self.reject_uri(index), columns=["reason"])
         return rows_out, collections.Counter(reasons.column("reason").to_pylist())
 
-    def finish(self, *, rows_in: int, num_shards: int, seconds: float,
+    def finish(self, *, rows_in: int, num_shards: int, seconds: float, config_hash: str,
                extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Count every shard from its files and write the manifest (last)."""
+        """Count every shard from its files and write the manifest (last): the counts, the
+        run's ``config_hash``, the folder's owner as ``step_hash``, and ``extra``."""
         rows_out, reasons = 0, collections.Counter()
         for index in range(num_shards):
             out, why = self.shard_counts(index)
@@ -143,7 +153,7 @@ class ShardedOutput:
         manifest = {
             "rows_in": rows_in, "rows_out": rows_out, "rows_rejected": sum(reasons.values()),
             "rejects_by_reason": dict(sorted(reasons.items())), "num_shards": num_shards,
-            "config_hash": self.config_hash, "seconds": round(seconds, 3),
+            "config_hash": config_hash, "step_hash": self.owner, "seconds": round(seconds, 3),
             "schema": self.schema.to_string(show_schema_metadata=False),
             **(extra or {}),
         }
@@ -161,6 +171,30 @@ def complete_input(folder: str) -> tuple[dict[str, Any], list[str]]:
         raise storage.StorageError(f"{folder}: manifest lists {manifest['num_shards']} shards "
                                    f"but {len(shards)} are present")
     return manifest, shards
+
+
+def describe_changes(recorded: dict[str, Any] | None, current: dict[str, Any] | None) -> str:
+    """What differs between two step identities (``{"settings": {key: value}, "inputs":
+    {step: hash}}``), e.g. ``stage2.optim.lr: 0.001 -> 0.0005; input stage1 changed``."""
+    if not recorded or not current or "settings" not in recorded:
+        return "other settings"
+    changes = []
+    for key, value in current["settings"].items():
+        changes += _diff(key, recorded["settings"].get(key), value)
+    for parent in sorted(set(current["inputs"]) | set(recorded.get("inputs", {}))):
+        if recorded.get("inputs", {}).get(parent) != current["inputs"].get(parent):
+            changes.append(f"input {parent} changed")
+    if not changes:
+        return "other settings"
+    more = f" (+{len(changes) - 6} more)" if len(changes) > 6 else ""
+    return "; ".join(changes[:6]) + more
+
+
+def _diff(key: str, old: Any, new: Any) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for sub in sorted(set(old) | set(new))
+                for line in _diff(f"{key}.{sub}", old.get(sub), new.get(sub))]
+    return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
 
 
 def _num_rows(uri: str) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 from pipeline import storage
@@ -12,7 +13,7 @@ from pipeline.config import Config
 logger = logging.getLogger(__name__)
 
 # Ray binds the machine's interface address by default; this keeps a local instance
-# (head, workers, Train) on 127.0.0.1 and off the network (ENVIRONMENT.md).
+# (head, workers, Train) on 127.0.0.1 and off the network.
 LOCAL_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -35,7 +36,7 @@ def init_ray(config: Config) -> Any:
     if ray.is_initialized():
         return ray
     # Storage settings (endpoint, region, attempts; never credentials) reach the workers
-    # through their environment, as configured in this process by pipeline.cli.setup.
+    # through their environment, as configured in this process by pipeline.cli.parse_config.
     env_vars = {**{k: os.environ[k] for k in WORKER_ENV_KEYS if k in os.environ},
                 **storage.worker_env()}
     address = config.ray.address or os.environ.get("RAY_ADDRESS", "")
@@ -50,8 +51,16 @@ def init_ray(config: Config) -> Any:
                  include_dashboard=False, runtime_env={"env_vars": env_vars},
                  log_to_driver=True)
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = config.ray.progress_bars
+    context.enable_progress_bars = progress_bars(config.ray.progress_bars)
     return ray
+
+
+def progress_bars(setting: str | bool) -> bool:
+    """``ray.progress_bars``: auto = only when stderr is a terminal (a log file or CI would
+    get a line per bar update: tens of MB for the demo)."""
+    if setting == "auto":
+        return sys.stderr.isatty()
+    return bool(setting)
 
 
 def actor_pool_resources(num_actors: int, cpus_per_actor: float) -> tuple[int, float, float]:
@@ -59,7 +68,7 @@ def actor_pool_resources(num_actors: int, cpus_per_actor: float) -> tuple[int, f
 
     One actor per GPU when the cluster has GPUs (``num_actors`` overrides the count);
     otherwise ``(cluster CPUs - 1) / cpus_per_actor`` actors, leaving one CPU for Ray
-    Data's own tasks (a pool that takes every CPU starves them: ENVIRONMENT.md).
+    Data's own tasks (a pool that takes every CPU starves them: the job waits forever).
     """
     import ray
 

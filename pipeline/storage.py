@@ -33,6 +33,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pyarrow as pa
@@ -411,6 +412,22 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
 def write_table(table: pa.Table, uri: str) -> None:
     """Write ``table`` as one zstd parquet file, atomically."""
     write_bytes(uri, _parquet_bytes(table))
+
+
+def upload_folder(local_dir: str, uri: str, *, last: str | None = None) -> str:
+    """Copy a local folder to ``uri`` (local or s3://), replacing what was there.
+
+    Files are written atomically one by one; ``last`` (a relative name) is written after
+    all others, so it can serve as the folder's completion marker.
+    """
+    delete_prefix(uri)
+    files = sorted(str(p.relative_to(local_dir)) for p in Path(local_dir).rglob("*")
+                   if p.is_file())
+    if last is not None:
+        files = [f for f in files if f != last] + ([last] if last in files else [])
+    for rel in files:
+        write_bytes(join(uri, *rel.split(os.sep)), Path(local_dir, rel).read_bytes())
+    return uri
 
 
 def delete(uri: str) -> None:

@@ -91,7 +91,7 @@ def test_defaults_load_without_a_file():
 
 
 def test_every_config_field_is_read_in_pipeline():
-    """A declared but ignored knob is a lie to the user (STYLE.md).
+    """A declared but ignored knob is a lie to the user.
 
     A field counts as read when pipeline code reads ``<section>.<field>`` (or
     ``config.<field>`` / ``self.<field>`` at the top level), or hands its whole section

@@ -16,7 +16,6 @@ from pipeline.config import load_config
 from pipeline.data.schemas import EVAL_IMAGES, EVAL_QUERIES
 from pipeline.eval import embed
 from pipeline.eval.embed import Embedded, load_embedded
-from pipeline.eval.evaluate import evaluate, parse_models
 from pipeline.eval.metrics import (
     MMEB_DATASETS,
     compositional_accuracy,
@@ -25,8 +24,10 @@ from pipeline.eval.metrics import (
     precision_at_1,
     retrieval_recall,
 )
+from pipeline.eval.models import parse_models
 from pipeline.eval.sets import Items, read_mmeb
 from pipeline.outputs import OutputConflictError
+from pipeline.steps.evaluate import run as evaluate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "jobs" / "configs" / "demo.yaml")
@@ -305,8 +306,8 @@ def write_mmeb_eval_files(root: pathlib.Path) -> None:
 
 @pytest.mark.integration
 def test_mmeb_reader_path_matches_in_process_embedder(ray_local, tmp_path, tiny_model):
-    from pipeline.data.prepare import prepare_data
     from pipeline.models import Embedder
+    from pipeline.steps.prepare_data import run as prepare_data
 
     write_mmeb_eval_files(tmp_path / "src")
     config = load_config(None, [
@@ -359,8 +360,8 @@ def test_mmeb_reader_path_matches_in_process_embedder(ray_local, tmp_path, tiny_
 
 @pytest.mark.integration
 def test_demo_report_json_md_png(ray_local, tmp_path):
-    from pipeline.data.prepare import prepare_data
     from pipeline.models import build_tiny_model
+    from pipeline.steps.prepare_data import run as prepare_data
 
     run_root = tmp_path / "run"
     # Stage 1 builds the tiny student there (seed train.seed = 0); the other model differs.

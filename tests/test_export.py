@@ -20,8 +20,9 @@ from safetensors import safe_open
 from pipeline import download_cache, outputs, storage
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.data.schemas import IMAGE_PLACEHOLDER
-from pipeline.export import export, format_summary
 from pipeline.models import META_FILE, Embedder, build_tiny_model
+from pipeline.steps.export import run as export
+from pipeline.steps.export import summarize as format_summary
 from pipeline.train.checkpoint import EXPORT_CHECK_FILE, ExportMismatchError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

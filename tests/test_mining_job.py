@@ -13,10 +13,12 @@ from PIL import Image
 from pipeline import outputs, storage
 from pipeline.config import load_config
 from pipeline.data.images import PackOptions, content_key, pack_image
-from pipeline.data.prepare import prepare_data
+from pipeline.data.mined import check_pair
 from pipeline.data.schemas import MINED, PAIRS
-from pipeline.mine_negatives import EmbedTask, EmbedWorker, check_pair, mine_negatives
 from pipeline.models import build_tiny_model
+from pipeline.steps.mine_negatives import MinerEmbedTask, MinerShardWorker
+from pipeline.steps.mine_negatives import run as mine_negatives
+from pipeline.steps.prepare_data import run as prepare_data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "jobs" / "configs" / "demo.yaml")
@@ -116,8 +118,8 @@ def test_miner_rejects_rows_without_positive_or_with_bad_image(tmp_path, miner):
     ]
     write_pairs(str(tmp_path / "pairs.parquet"), rows)
     assert check_pair(rows[1])[0] == "missing_positive"
-    worker = EmbedWorker(miner, False, "instruction", 4, str(tmp_path / "out"), "h", 1)
-    stats = worker(EmbedTask(0, str(tmp_path / "pairs.parquet"), [0, 1, 2]))
+    worker = MinerShardWorker(miner, False, "instruction", 4, str(tmp_path / "out"), "h", 1)
+    stats = worker(MinerEmbedTask(0, str(tmp_path / "pairs.parquet"), [0, 1, 2]))
     assert (stats["embedded"], stats["rejected"]) == (2, 2)  # query + target of "ok"
     rejects = storage.read_table(str(tmp_path / "out" / "embeddings" / "_rejects" /
                                      "part-00000.parquet")).to_pylist()
@@ -158,9 +160,8 @@ def test_rerun_skips_finished_shards(ray_local, tmp_path, miner):
 ])
 def test_impossible_settings_fail_before_work(tmp_path, override, message):
     extra = ["mining.search_k=4096"] if "faiss_gpu" in override else []
-    config = load_config(DEMO, [*SMALL, *extra, override, f"output_root={tmp_path}"])
-    with pytest.raises(ValueError, match=message):
-        mine_negatives(config)
+    with pytest.raises(ValueError, match=message):  # a ConfigError: at load or the step's check
+        mine_negatives(load_config(DEMO, [*SMALL, *extra, override, f"output_root={tmp_path}"]))
     assert not any(tmp_path.iterdir())
 
 

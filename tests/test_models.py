@@ -242,9 +242,9 @@ def test_save_load_round_trip(embedder: Embedder, tmp_path: Path) -> None:
 def test_s3_uri_goes_through_storage(tiny_dirs: dict[str, str], family: str,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    fake = types.ModuleType("pipeline.storage")
+    fake = types.ModuleType("pipeline.download_cache")
     fake.download_to_cache = lambda uri: calls.append(uri) or tiny_dirs[family]  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "pipeline.storage", fake)
+    monkeypatch.setitem(sys.modules, "pipeline.download_cache", fake)
     loaded = Embedder.from_pretrained(f"s3://models/{family}")
     assert calls == [f"s3://models/{family}"] and loaded.spec.family == family
 

@@ -15,8 +15,9 @@ from PIL import Image
 from pipeline import outputs, storage
 from pipeline.config import load_config
 from pipeline.data import schemas
-from pipeline.data.prepare import format_summary, prepare_data
 from pipeline.outputs import OutputConflictError
+from pipeline.steps.prepare_data import run as prepare_data
+from pipeline.steps.prepare_data import summarize as format_summary
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "jobs" / "configs" / "demo.yaml")

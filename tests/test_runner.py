@@ -3,6 +3,7 @@ jobs' shared runner (exit codes and messages)."""
 from __future__ import annotations
 
 import pathlib
+import types
 
 import pytest
 
@@ -47,6 +48,13 @@ def test_variants_read_the_run_folder_and_change_only_stage2(name: str) -> None:
     assert (variant.stage2 == config.stage2) == (variant.config_hash == config.config_hash)
 
 
+def fake_step(run, summarize) -> types.SimpleNamespace:
+    """A step named stage2 with no inputs, checks or Ray: only ``run`` and ``summarize``."""
+    return types.SimpleNamespace(NAME="stage2", READS=(), USES_RAY=False,
+                                 inputs=lambda config: (), check=lambda config: None,
+                                 run=run, summarize=summarize)
+
+
 @pytest.mark.parametrize("error, status, message", [
     (ConfigError("stage2.optim.lr: bad"), 2, "config error: stage2.optim.lr: bad"),
     (IncompleteOutputError("x/mine_negatives has no _manifest.json"), 1,
@@ -59,17 +67,15 @@ def test_step_jobs_exit_with_one_line_for_bad_config_or_missing_input(
         raise error
 
     with pytest.raises(SystemExit) as exit_info:
-        run_step(["--config", DEMO], "doc", step="stage2", run=run,
-                 summarize=lambda manifest, folder: "never", use_ray=False)
+        run_step(["--config", DEMO], fake_step(run, lambda manifest, folder: "never"), "doc")
     assert exit_info.value.code == status
     assert capsys.readouterr().err.strip().splitlines()[-1] == message
 
 
 def test_step_job_prints_its_summary(capsys: pytest.CaptureFixture) -> None:
-    manifest = run_step(["--config", DEMO, "name=x"], "doc", step="stage2",
-                        run=lambda config: {"steps": 3},
-                        summarize=lambda m, folder: f"{m['steps']} steps -> {folder}",
-                        use_ray=False)
+    manifest = run_step(["--config", DEMO, "name=x"],
+                        fake_step(lambda config: {"steps": 3},
+                                  lambda m, folder: f"{m['steps']} steps -> {folder}"), "doc")
     assert manifest == {"steps": 3}
     assert capsys.readouterr().out.strip().endswith("3 steps -> runs/x-" +
                                                     load_config(DEMO, ["name=x"]).config_hash[

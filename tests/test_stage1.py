@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 
 from pipeline import storage
 from pipeline.config import Config, load_config
-from pipeline.data.prepare import prepare_data
 from pipeline.models import Embedder
-from pipeline.models.teacher_embed import teacher_embed
+from pipeline.steps.prepare_data import run as prepare_data
+from pipeline.steps.stage1 import run as stage1
+from pipeline.steps.teacher_embed import run as teacher_embed
 from pipeline.train.metrics import read_metrics
-from pipeline.train.stage1 import stage1
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "jobs" / "configs" / "demo.yaml")
@@ -96,7 +96,9 @@ def test_pinned_losses_and_outputs(full_run: tuple[Config, dict]) -> None:
                  "model/unime_backbone.json", "train_summary.json"):
         assert (stage / name).is_file(), name
     assert list((stage / "tensorboard").glob("events.out.tfevents.*"))
-    checkpoints = sorted(p.name for p in (stage / "ray" / config.run_name).glob("checkpoint_0*"))
+    run_name = manifest["ray_run"]["name"]  # <name>-stage1-<step hash>: other steps' knobs
+    assert run_name.startswith(f"{config.name}-stage1-")  # do not move the checkpoints
+    checkpoints = sorted(p.name for p in (stage / "ray" / run_name).glob("checkpoint_0*"))
     assert checkpoints == ["checkpoint_0000002", "checkpoint_0000004"]
 
 
@@ -119,7 +121,7 @@ def test_stop_and_resume_on_s3_with_zero3_equals_uninterrupted(
     first = stage1(run_config(root, "stage1.max_steps=2", *zero3))
     assert first["steps"] == 2 and first["resumed_from_step"] == 0 and first["zero_stage"] == 3
     stage = f"{root}/stage1"
-    run_name = run_config(root, *zero3).run_name
+    run_name = first["ray_run"]["name"]
     assert storage.exists(f"{stage}/ray/{run_name}/checkpoint_0000002/train_state.json")
 
     second = stage1(run_config(root, "stage1.max_steps=4", *zero3))

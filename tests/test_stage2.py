@@ -18,9 +18,10 @@ from PIL import Image
 from pipeline import outputs, storage
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.data.schemas import IMAGE_PLACEHOLDER, MINED
+from pipeline.models.student import StudentSource
+from pipeline.steps.stage2 import check as check_config
 from pipeline.train import loop
 from pipeline.train.grad_cache import full_batch_backward, grad_cache_backward
-from pipeline.train.stage1 import StudentSource
 from pipeline.train.stage2 import (
     KIND_NEGATIVE,
     KIND_PADDING,
@@ -29,7 +30,6 @@ from pipeline.train.stage2 import (
     PairRow,
     Side,
     Stage2Spec,
-    check_config,
     decode_pairs,
     flatten_rows,
     global_loss,
@@ -415,12 +415,18 @@ def run_config(root: str, *extra: str) -> Config:
     return load_config(DEMO, [*SMALL, f"output_root={root}", *extra])
 
 
+def miner(inputs: pathlib.Path) -> str:
+    """The mining override of every config here: the mined table copied into each run folder
+    was made with it, and a stage 2 of other mining settings would refuse it as stale."""
+    return f"mining.miner={inputs}/models/tiny-llava_next"
+
+
 @pytest.fixture(scope="module")
 def mined(ray_local, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """prepare_data, the tiny student (untrained: stage2.init=student) and mining with it."""
-    from pipeline.data.prepare import prepare_data
-    from pipeline.mine_negatives import mine_negatives
     from pipeline.models import build_tiny_model
+    from pipeline.steps.mine_negatives import run as mine_negatives
+    from pipeline.steps.prepare_data import run as prepare_data
 
     root = tmp_path_factory.mktemp("stage2") / "inputs"
     config = run_config(str(root))
@@ -430,17 +436,17 @@ def mined(ray_local, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     vocab = pairs.column("qry_text").to_pylist() + pairs.column("pos_text").to_pylist()
     build_tiny_model("llava_next", root / "models" / "tiny-llava_next", seed=0,
                      vocab_texts=vocab)
-    mine_negatives(run_config(str(root), f"mining.miner={root}/models/tiny-llava_next"))
+    mine_negatives(run_config(str(root), miner(root)))
     return root
 
 
 @pytest.fixture(scope="module")
 def full_run(mined: pathlib.Path) -> tuple[Config, dict]:
-    from pipeline.train.stage2 import stage2
+    from pipeline.steps.stage2 import run as stage2
 
     root = mined.parent / "full"
     shutil.copytree(mined, root)
-    config = run_config(str(root), "stage2.max_steps=4")
+    config = run_config(str(root), "stage2.max_steps=4", miner(mined))
     return config, stage2(config)
 
 
@@ -475,14 +481,14 @@ def test_pinned_losses_and_outputs(full_run: tuple[Config, dict]) -> None:
 @pytest.mark.integration
 def test_stop_and_resume_equals_uninterrupted(full_run: tuple[Config, dict],
                                               mined: pathlib.Path) -> None:
+    from pipeline.steps.stage2 import run as stage2
     from pipeline.train.metrics import read_metrics
-    from pipeline.train.stage2 import stage2
 
     root = mined.parent / "resumed"
     shutil.copytree(mined, root)
-    first = stage2(run_config(str(root), "stage2.max_steps=2"))
+    first = stage2(run_config(str(root), "stage2.max_steps=2", miner(mined)))
     assert first["steps"] == 2
-    second = stage2(run_config(str(root), "stage2.max_steps=4"))
+    second = stage2(run_config(str(root), "stage2.max_steps=4", miner(mined)))
     assert second["steps"] == 4 and second["resumed_from_step"] == 2
     resumed = read_metrics(str(root / "stage2"))
     expected = read_metrics(full_run[0].step_dir("stage2"))

@@ -9,13 +9,10 @@ import pytest
 
 from pipeline import outputs, storage
 from pipeline.config import load_config
-from pipeline.data.prepare import prepare_data
 from pipeline.models.teacher import resolve_teacher_path
-from pipeline.models.teacher_embed import (
-    TeacherShardWorker,
-    TeacherTask,
-    teacher_embed,
-)
+from pipeline.steps.prepare_data import run as prepare_data
+from pipeline.steps.teacher_embed import TeacherShardWorker, TeacherTask
+from pipeline.steps.teacher_embed import run as teacher_embed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "jobs" / "configs" / "demo.yaml")
@@ -83,7 +80,7 @@ def test_nan_vectors_reject_their_group(tmp_path):
                                   "texts": [["x y", "x z"], ["bad", "ok"], ["p", "q"]]}),
                         str(source))
     worker = TeacherShardWorker(teacher={"source": None}, batch_size=4,
-                                folder=str(tmp_path / "out"), config_hash="h",
+                                folder=str(tmp_path / "out"), owner="h",
                                 torch_threads=1)
     real_encode = worker.teacher.encode
 
@@ -111,7 +108,7 @@ def test_truncated_texts_are_counted(tmp_path):
     long_text = " ".join(["word"] * 30)
     storage.write_table(pa.table({"id": ["a"], "texts": [[long_text, "short"]]}), str(source))
     worker = TeacherShardWorker(teacher={"source": None, "max_seq_length": 8}, batch_size=4,
-                                folder=str(tmp_path / "out"), config_hash="h",
+                                folder=str(tmp_path / "out"), owner="h",
                                 torch_threads=1)
     stats = worker(TeacherTask(0, str(source)))
     assert stats["truncated"] == 1

@@ -11,16 +11,12 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, TrainConfig, load_config
-from pipeline.models.teacher_embed import group_table
+from pipeline.data.schemas import group_table
+from pipeline.steps.stage1 import check as check_config
 from pipeline.train import loop
 from pipeline.train.checkpoint import FrozenParameterError, frozen_fingerprint, verify_frozen
 from pipeline.train.metrics import MetricsLogger, read_metrics
-from pipeline.train.stage1 import (
-    _average_ranks,
-    check_config,
-    decode_groups,
-    similarity_agreement,
-)
+from pipeline.train.stage1 import _average_ranks, decode_groups, similarity_agreement
 
 
 # -- LR schedule -----------------------------------------------------------------------------------
@@ -298,7 +294,8 @@ def test_stage1_job_rejects_a_bad_config_before_starting_ray() -> None:
 
 def test_stage1_keeps_the_vision_tower_frozen_and_in_eval_mode(tmp_path) -> None:
     from pipeline.models import build_tiny_model, resolve_path
-    from pipeline.train.stage1 import Stage1Spec, StudentSource
+    from pipeline.models.student import StudentSource
+    from pipeline.train.stage1 import Stage1Spec
 
     path = build_tiny_model("llava_next", tmp_path / "tiny", vocab_texts=["a red circle"])
     config = load_config(None, ["stage1.lora.rank=2"])

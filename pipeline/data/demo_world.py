@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline.data.schemas import IMAGE_PLACEHOLDER
+
 __all__ = [
     "CATEGORIES", "CLASS_LABELS", "COLORS", "COLOR_RGB", "COUNT_WORDS", "DEMO_WORLD_VERSION",
     "EVAL_DATASETS", "IMAGE_PLACEHOLDER", "MMEB_EVAL_KEYS", "MMEB_TRAIN_KEYS", "NLI_COLUMNS",
@@ -50,7 +52,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEMO_WORLD_VERSION = 1
-IMAGE_PLACEHOLDER = "<|image_1|>"
 
 # --- vocabularies ------------------------------------------------------------------------
 

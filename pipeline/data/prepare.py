@@ -1,20 +1,17 @@
-"""The prepare step: raw sources -> canonical Parquet shards, with Ray Data.
+"""Raw sources -> canonical Parquet tables (the work of the prepare step,
+:mod:`pipeline.steps.prepare_data`).
 
-For each table the driver reads the sources (texts and image paths only, cheap),
-marks duplicate ids, cuts the rows into shards of ``data.rows_per_shard`` and hands the
-shards that are not done yet to Ray Data; each task validates its rows, packs the
-images, and writes its shard and its rejects. Outputs, under ``<run_root>/prepare_data``::
-
-    text_groups/   stage-1 input (from the NLI csv)
-    pairs/         stage-2 input (MMEB-train folders and/or a JSONL of pairs)
-    eval_images/   distinct eval images, packed, keyed by content
-    eval/          MMEB-format eval queries referencing eval_images by key
-    _manifest.json counts per table and per reject reason (written last)
+For each table the driver reads the sources (texts and image paths only, cheap), marks
+duplicate ids, cuts the rows into shards of ``data.rows_per_shard`` and hands the shards
+that are not done yet to Ray Data (:func:`write_table`); each task validates its rows,
+packs the images, and writes its shard and its rejects (:func:`run_shard`). The sources
+are the configured files, or the demo world generated under ``<run_root>/sources``
+(:func:`resolve_sources`, also used by evaluate for the demo's caption sets).
 """
 from __future__ import annotations
 
+import collections
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,7 +38,6 @@ from pipeline.ray_utils import run_shard_tasks
 
 logger = logging.getLogger(__name__)
 
-STEP = "prepare_data"
 DEMO_WORLD_FILE = "world.json"
 
 
@@ -64,7 +60,7 @@ class ShardTask:
 
     table: str
     folder: str
-    config_hash: str
+    owner: str                                  # the prepare step's hash
     index: int
     rows: list[RawRow]
     options: PackOptions
@@ -76,15 +72,15 @@ class ShardTask:
 # Sources
 
 
+def configured_sources(config: Config) -> Sources:
+    """The ``data.sources`` section as given (no demo world)."""
+    return Sources(**asdict(config.data.sources))
+
+
 def resolve_sources(config: Config) -> Sources:
     """The configured sources, or the demo world generated under ``<run_root>/sources``."""
     if not config.data.use_demo_world:
-        sources = Sources(**asdict(config.data.sources))
-        if not (sources.nli_csv or sources.mmeb_train or sources.pairs_jsonl
-                or sources.mmeb_eval):
-            raise ValueError("data.use_demo_world is false but no data.sources.* is set "
-                             "(nli_csv, mmeb_train, pairs_jsonl, mmeb_eval)")
-        return sources
+        return configured_sources(config)
     root = storage.join(config.run_root, "sources", "demo_world")
     ensure_demo_world(root, config)
     return Sources(nli_csv=storage.join(root, "nli", "nli_for_simcse.csv"),
@@ -105,20 +101,8 @@ def ensure_demo_world(root: str, config: Config) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         generate_demo_world(tmp, **demo)
-        _upload_tree(tmp, root)
-
-
-def _upload_tree(local: str, uri: str) -> None:
-    """Copy a local folder to ``uri``; the demo world's marker file goes last."""
-    files = []
-    for folder, _, names in os.walk(local):
-        files += [os.path.join(folder, n) for n in names]
-    files.sort(key=lambda p: (os.path.basename(p) == DEMO_WORLD_FILE, p))
-    logger.info("uploading %d demo-world files to %s", len(files), uri)
-    for path in files:
-        rel = os.path.relpath(path, local).replace(os.sep, "/")
-        with open(path, "rb") as f:
-            storage.write_bytes(storage.join(uri, *rel.split("/")), f.read())
+        logger.info("uploading the demo world to %s", root)
+        storage.upload_folder(tmp, root, last=DEMO_WORLD_FILE)
 
 
 def source_fingerprints(sources: Sources) -> dict[str, list[dict[str, Any]]]:
@@ -179,7 +163,7 @@ def run_shard(task: ShardTask) -> dict[str, int]:
             rows.append(validate(raw))
         except RowError as err:
             rejects.append(reject_record(raw, err))
-    output = ShardedOutput(task.folder, task.config_hash, TABLES[task.table])
+    output = ShardedOutput(task.folder, task.owner, TABLES[task.table])
     output.write_shard(task.index, rows, rejects)
     return {"shard": task.index, "rows_out": len(rows), "rows_rejected": len(rejects)}
 
@@ -188,33 +172,55 @@ def run_shard(task: ShardTask) -> dict[str, int]:
 # One table
 
 
-def write_table(name: str, rows: list[RawRow], config: Config, *, inputs: dict[str, Any],
+@dataclass(frozen=True)
+class TableJob:
+    """Where and how the tables of one prepare run are written."""
+
+    folder: str                   # the step folder; table ``name`` goes to ``folder/name``
+    owner: str                    # the step hash (owner of every table folder)
+    job_record: dict[str, Any]    # the step's identity, for each table's _job.json
+    config_hash: str
+    options: PackOptions
+    max_text_chars: int
+    rows_per_shard: int
+    inputs: dict[str, Any]        # source fingerprints, recorded in every table manifest
+
+
+def write_table(name: str, rows: list[RawRow], job: TableJob, *,
                 image_keys: dict[str, Any] | None = None) -> dict[str, Any]:
     """Shard, validate and write one table with Ray Data; skip shards already done."""
     start = time.perf_counter()
-    folder = storage.join(config.step_dir(STEP), name)
-    output = ShardedOutput(folder, config.config_hash, TABLES[name])
-    if outputs.is_complete(folder):
+    folder = storage.join(job.folder, name)
+    output = ShardedOutput(folder, job.owner, TABLES[name])
+    done_manifest = outputs.read_manifest(folder)
+    if done_manifest is not None and done_manifest.get("step_hash") == job.owner:
         logger.info("%s: complete already (%s)", name, folder)
-        return outputs.read_manifest(folder) or {}
-    output.claim()
-    shards = chunk(rows, config.data.rows_per_shard)
+        return done_manifest
+    output.claim(job.job_record)
+    shards = chunk(rows, job.rows_per_shard)
     done = output.done_shards(len(shards))
-    base = ShardTask(table=name, folder=folder, config_hash=config.config_hash, index=0,
-                     rows=[], options=pack_options(config),
-                     max_text_chars=config.data.max_text_chars)
+    base = ShardTask(table=name, folder=folder, owner=job.owner, index=0, rows=[],
+                     options=job.options, max_text_chars=job.max_text_chars)
     tasks = [replace(base, index=i, rows=shard, image_keys=_subset(image_keys, shard))
              for i, shard in enumerate(shards) if i not in done]
     logger.info("%s: %d rows in %d shards (%d done already, %d to write) -> %s", name,
                 len(rows), len(shards), len(done), len(tasks), folder)
     run_shard_tasks(tasks, run_shard)
     manifest = output.finish(rows_in=len(rows), num_shards=len(shards),
-                             seconds=time.perf_counter() - start,
-                             extra={"table": name, "inputs": inputs,
+                             seconds=time.perf_counter() - start, config_hash=job.config_hash,
+                             extra={"table": name, "inputs": job.inputs,
                                     "shards_skipped": len(done)})
     logger.info("%s: %d in, %d out, %d rejected %s", name, manifest["rows_in"],
                 manifest["rows_out"], manifest["rows_rejected"], manifest["rejects_by_reason"])
     return manifest
+
+
+def rows_per_dataset(folder: str) -> dict[str, int]:
+    """Rows per ``dataset`` of a written pairs table (for checks against the batch size)."""
+    counts: collections.Counter[str] = collections.Counter()
+    for uri in outputs.shard_uris(folder):
+        counts.update(storage.read_table(uri, columns=["dataset"]).column("dataset").to_pylist())
+    return dict(sorted(counts.items()))
 
 
 def pack_options(config: Config) -> PackOptions:
@@ -241,57 +247,3 @@ def read_image_keys(folder: str) -> dict[str, str | RowError]:
         for row in table.to_pylist():
             keys[row["source"]] = RowError(row["reason"], "image", row["detail"])
     return keys
-
-
-# ---------------------------------------------------------------------------------------
-# The step
-
-
-def prepare_data(config: Config) -> dict[str, Any]:
-    """Run the prepare step; return its manifest (reused as is when already complete)."""
-    start = time.perf_counter()
-    step = config.step_dir(STEP)
-    if outputs.is_complete(step):
-        logger.info("prepare_data: complete already at %s (delete it to redo)", step)
-        return outputs.require_complete(step)
-    sources = resolve_sources(config)
-    inputs = source_fingerprints(sources)
-    tables = read_sources(sources)
-    manifests: dict[str, dict[str, Any]] = {}
-    for name in ("text_groups", "pairs"):
-        if name in tables:
-            manifests[name] = write_table(name, tables[name], config, inputs=inputs)
-    if "eval" in tables:
-        image_rows = [RawRow(id=None, source=uri, values={"image": uri})
-                      for uri in eval_image_uris(tables["eval"])]
-        manifests["eval_images"] = write_table("eval_images", image_rows, config,
-                                               inputs=inputs)
-        keys = read_image_keys(storage.join(step, "eval_images"))
-        manifests["eval"] = write_table("eval", tables["eval"], config, inputs=inputs,
-                                        image_keys=keys)
-    summary = {name: {k: m[k] for k in ("rows_in", "rows_out", "rows_rejected",
-                                        "rejects_by_reason")}
-               for name, m in manifests.items()}
-    manifest = {
-        "rows_in": sum(m["rows_in"] for m in summary.values()),
-        "rows_out": sum(m["rows_out"] for m in summary.values()),
-        "rows_rejected": sum(m["rows_rejected"] for m in summary.values()),
-        "tables": summary, "sources": asdict(sources), "inputs": inputs,
-        "config_hash": config.config_hash, "config": config.to_dict(),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-    return outputs.write_manifest(step, manifest)
-
-
-def format_summary(manifest: dict[str, Any], step_dir: str) -> str:
-    """One screen: rows in / out / rejected per table and per reason."""
-    lines = [f"prepare_data -> {step_dir}  ({manifest['seconds']:.1f} s)",
-             f"{'table':<12} {'rows in':>8} {'out':>8} {'rejected':>9}  reasons"]
-    for name, m in manifest["tables"].items():
-        reasons = ", ".join(f"{k}={v}" for k, v in m["rejects_by_reason"].items()) or "-"
-        lines.append(f"{name:<12} {m['rows_in']:>8} {m['rows_out']:>8} "
-                     f"{m['rows_rejected']:>9}  {reasons}")
-    lines.append(f"{'total':<12} {manifest['rows_in']:>8} {manifest['rows_out']:>8} "
-                 f"{manifest['rows_rejected']:>9}")
-    lines.append(f"rejected rows with their reasons: {step_dir}/<table>/_rejects/")
-    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Arrow schemas of every table the pipeline writes (DESIGN section 3).
+"""Arrow schemas of every table the pipeline writes (README: outputs).
 
 Column names are a contract: other steps, tests and users read them. Change them only
 with a schema-version bump in ``pipeline.outputs.SCHEMA_VERSION``.
@@ -32,6 +32,17 @@ def teacher_schema(dim: int) -> pa.Schema:
         pa.field("texts", pa.list_(pa.string()), nullable=False),
         pa.field("teacher_emb", pa.list_(pa.list_(pa.float16(), dim)), nullable=False),
     ])
+
+
+def group_table(ids: list[str], texts: list[list[str]], emb: np.ndarray, dim: int) -> pa.Table:
+    """``teacher`` rows from groups and their flat (sum of group sizes, D) vectors."""
+    sizes = np.array([len(t) for t in texts], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+    vectors = vector_array(emb.reshape(-1, dim))                                # (N, D)
+    per_group = pa.ListArray.from_arrays(pa.array(offsets), vectors)
+    return pa.Table.from_arrays([pa.array(ids, pa.string()),
+                                 pa.array(texts, pa.list_(pa.string())), per_group],
+                                schema=teacher_schema(dim))
 
 
 # One query-positive pair of the stage-2 training data (MMEB-train or JSONL).

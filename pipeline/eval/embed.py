@@ -28,7 +28,7 @@ from pipeline.data.images import ImageDecodeError, PackOptions, pack_image
 from pipeline.data.schemas import vector_array, vectors_numpy
 from pipeline.eval.sets import Item
 from pipeline.outputs import ShardedOutput
-from pipeline.ray_utils import run_shard_tasks
+from pipeline.ray_utils import actor_pool_resources, run_shard_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Embedded:
 
 
 @dataclass(frozen=True)
-class EmbedTask:
+class EvalEmbedTask:
     index: int                                  # shard index in the model's folder
     label: str
     model: ModelRef
@@ -62,7 +62,8 @@ class EmbedTask:
     image_rows: dict[str, tuple[str, int]]      # eval_images key -> (shard URI, row)
 
 
-def embeddings_schema(dim: int) -> pa.Schema:
+def item_vectors_schema(dim: int) -> pa.Schema:
+    """One eval item's vector (or why there is none), in item order."""
     return pa.schema([
         pa.field("item", pa.int64(), nullable=False),
         pa.field("error", pa.string(), nullable=False),
@@ -75,7 +76,7 @@ def embeddings_schema(dim: int) -> pa.Schema:
 # Inside a Ray Data actor
 
 
-def load_images(task: EmbedTask, options: PackOptions) -> tuple[list[Any], list[tuple[str, str]]]:
+def load_images(task: EvalEmbedTask, options: PackOptions) -> tuple[list[Any], list[tuple[str, str]]]:
     """Per item: a PIL image or None, and ('', '') or (reason, detail)."""
     from pipeline.models import to_pil
 
@@ -106,7 +107,7 @@ def load_images(task: EmbedTask, options: PackOptions) -> tuple[list[Any], list[
     return images, errors
 
 
-class EmbedWorker:
+class EvalEmbedWorker:
     """Ray Data actor: one Embedder at a time; embeds and writes one task per call."""
 
     def __init__(self, trust_remote_code: bool, batch_size: int, options: PackOptions,
@@ -135,7 +136,7 @@ class EmbedWorker:
             self.model = model
         return self.embedder
 
-    def __call__(self, task: EmbedTask) -> dict[str, Any]:
+    def __call__(self, task: EvalEmbedTask) -> dict[str, Any]:
         start = time.perf_counter()
         embedder = self._load(task.model)
         images, errors = load_images(task, self.options)
@@ -156,7 +157,7 @@ class EmbedWorker:
             "item": pa.array(np.arange(task.first_item, task.first_item + len(task.items))),
             "error": [e for e, _ in errors], "detail": [d for _, d in errors],
             "emb": vector_array(emb, pa.float32()),
-        }, schema=embeddings_schema(dim))
+        }, schema=item_vectors_schema(dim))
         output = ShardedOutput(label_folder(self.folder, task.label), self.owner_hash,
                                table.schema)
         output.write_shard(task.index, table, [])
@@ -172,18 +173,6 @@ def label_folder(folder: str, label: str) -> str:
     return storage.join(folder, EMBEDDINGS_DIR, label)
 
 
-def pool_resources(config: Config) -> tuple[int, float, float]:
-    """(actors, CPUs per actor, GPUs per actor): one GPU each when the cluster has GPUs."""
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if gpus:
-        return config.eval.num_actors or gpus, config.eval.cpus_per_actor, 1.0
-    auto = max(1, int((resources.get("CPU", 1) - 1) // config.eval.cpus_per_actor))
-    return config.eval.num_actors or auto, config.eval.cpus_per_actor, 0.0
-
-
 def _shard_done(output: ShardedOutput, index: int, first: int, count: int,
                 done: set[int]) -> bool:
     """A written shard counts only if it holds exactly the items this task would embed."""
@@ -196,7 +185,7 @@ def _shard_done(output: ShardedOutput, index: int, first: int, count: int,
 
 def plan_tasks(models: dict[str, ModelRef], items: list[Item],
                image_rows: dict[str, tuple[str, int]], folder: str, owner_hash: str,
-               items_per_task: int) -> tuple[list[EmbedTask], int]:
+               items_per_task: int) -> tuple[list[EvalEmbedTask], int]:
     """Tasks still to run (model after model) and the number of shards already done."""
     ranges = [(s, min(s + items_per_task, len(items))) for s in range(0, len(items),
                                                                     items_per_task)]
@@ -211,7 +200,7 @@ def plan_tasks(models: dict[str, ModelRef], items: list[Item],
                 continue
             chunk = items[start:stop]
             keys = {it.image[1] for it in chunk if it.image is not None and it.image[0] == "key"}
-            tasks.append(EmbedTask(index, label, model, start, chunk,
+            tasks.append(EvalEmbedTask(index, label, model, start, chunk,
                                    {k: image_rows[k] for k in keys if k in image_rows}))
     return tasks, skipped
 
@@ -242,12 +231,12 @@ def embed_items(config: Config, models: dict[str, ModelRef], items: list[Item],
 
     tasks, skipped = plan_tasks(models, items, image_rows, folder, owner_hash,
                                 config.eval.items_per_task)
-    actors, cpus, gpus = pool_resources(config)
+    actors, cpus, gpus = actor_pool_resources(config.eval.num_actors, config.eval.cpus_per_actor)
     pool = max(1, min(actors, len(tasks)))
     logger.info("evaluate: embedding %d distinct items x %d model(s): %d tasks (%d done "
                 "already) on %d actor(s)", len(items), len(models), len(tasks), skipped, pool)
     start = time.perf_counter()
-    results = run_shard_tasks(tasks, EmbedWorker, num_cpus=cpus, num_gpus=gpus,
+    results = run_shard_tasks(tasks, EvalEmbedWorker, num_cpus=cpus, num_gpus=gpus,
                               pool_size=pool, worker_kwargs={
                                   "trust_remote_code": config.model.trust_remote_code,
                                   "batch_size": config.eval.batch_size,

@@ -21,6 +21,11 @@ import math
 from typing import Any
 
 from pipeline import outputs, storage
+from pipeline.config import Config
+from pipeline.eval import metrics
+from pipeline.eval.embed import ModelRef
+from pipeline.eval.scoring import TIE_RULE
+from pipeline.eval.sets import EvalSet
 
 # step -> its plot, copied next to the report as training_<step>.png
 TRAINING_PLOTS = {"stage1": "curves.png", "mine_negatives": "scores.png", "stage2": "curves.png"}
@@ -170,3 +175,25 @@ def write_report(report: dict[str, Any], folder: str) -> list[str]:
                                 storage.read_bytes(info["plot"]))
             names.append(f"training_{step}.png")
     return names
+
+
+def build_report(config: Config, refs: dict[str, ModelRef], sets: list[EvalSet],
+                 set_info: dict[str, Any], results: dict[str, Any],
+                 extra_metatasks: dict[str, str]) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "run_name": config.run_name, "unit": "percent", "tie_rule": TIE_RULE,
+        "models": {label: {"path": ref.path} for label, ref in refs.items()},
+        "prompt_modes": {"mmeb": config.eval.prompt_mode,
+                         "captions": config.eval.caption_prompt_mode},
+        "sets": set_info, "results": clean(results),
+        "training": clean(training_summary(config.run_root)),
+    }
+    mmeb = next((s for s in sets if s.name == "mmeb"), None)
+    if mmeb is not None:
+        datasets = sorted({r.group for r in mmeb.rows})
+        summary = metrics.mmeb_summary(dict.fromkeys(datasets, 0.0), extra_metatasks)
+        report["mmeb"] = {"metatasks_missing": summary["metatasks_missing"],
+                          "unmapped": summary["unmapped"],
+                          "metatask_of": {d: metrics.metatask_map(extra_metatasks).get(d)
+                                          for d in datasets}}
+    return report

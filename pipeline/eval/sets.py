@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 
 from pipeline import outputs, provenance, storage
+from pipeline.config import Config
 from pipeline.data.schemas import IMAGE_PLACEHOLDER
+from pipeline.models.student import absolute_uri
 
 logger = logging.getLogger(__name__)
 
@@ -183,3 +185,53 @@ def read_retrieval(json_uri: str, image_root: str, split: str, items: Items,
     if not rows:
         raise ValueError(f"{json_uri}: no images with split {split!r} (eval.retrieval_split)")
     return EvalSet("retrieval", rows, {"retrieval": provenance.fingerprint(json_uri)})
+
+
+# -- the sets of a run ------------------------------------------------------------------------
+def _caption_source(config: Config, value: str, images: str, demo_rel: str,
+                    key: str) -> tuple[str, str] | None:
+    """(source URI, image root) of a caption set, the demo world's, or None (skipped)."""
+    if value == "off" or (not value and not config.data.use_demo_world):
+        logger.info("evaluate: %s skipped (%s=%r)", key, key, value)
+        return None
+    if value:
+        value = absolute_uri(value)
+        root = value.rsplit("/", 1)[0] if value.endswith(".json") else value
+        return value, absolute_uri(images or root)
+    from pipeline.data.prepare import ensure_demo_world
+
+    root = absolute_uri(storage.join(config.run_root, "sources", "demo_world"))
+    ensure_demo_world(root, config)
+    return storage.join(root, *demo_rel.split("/")), absolute_uri(images or root)
+
+
+def read_sets(config: Config, items: Items) -> tuple[list[EvalSet], dict[str, Any]]:
+    """The eval sets present, as rows over ``items``; and the eval_images row index."""
+    sets, image_rows = [], {}
+    prepared = absolute_uri(config.step_dir("prepare_data"))
+    eval_folder = storage.join(prepared, "eval")
+    if not config.eval.mmeb:
+        logger.info("evaluate: MMEB-format sets skipped (eval.mmeb=false)")
+    elif outputs.is_complete(eval_folder):
+        images_folder = storage.join(prepared, "eval_images")
+        outputs.require_complete(images_folder)
+        image_rows = eval_image_rows(images_folder)
+        sets.append(read_mmeb(eval_folder, items, config.eval.prompt_mode))
+    elif outputs.is_complete(prepared):
+        logger.warning("evaluate: prepare_data has no eval table (no data.sources.mmeb_eval): "
+                       "MMEB-format sets skipped")
+    else:
+        outputs.require_complete(eval_folder)  # raises: run prepare_data first
+    mode = config.eval.caption_prompt_mode
+    source = _caption_source(config, config.eval.sugarcrepe, config.eval.sugarcrepe_images,
+                             "sugarcrepe", "eval.sugarcrepe")
+    if source:
+        sets.append(read_sugarcrepe(*source, items, mode))
+    source = _caption_source(config, config.eval.retrieval_json, config.eval.retrieval_images,
+                             "retrieval/captions.json", "eval.retrieval_json")
+    if source:
+        sets.append(read_retrieval(*source, config.eval.retrieval_split, items, mode))
+    if not sets:
+        raise ValueError("nothing to evaluate: no prepared MMEB-format eval table and no "
+                         "eval.sugarcrepe / eval.retrieval_json")
+    return sets, image_rows

@@ -19,9 +19,10 @@ from typing import Literal
 
 from torch import nn
 
+from pipeline.data.schemas import IMAGE_PLACEHOLDER  # where an image goes in a text (MMEB's)
+
 logger = logging.getLogger(__name__)
 
-IMAGE_PLACEHOLDER = "<|image_1|>"  # canonical; same value as pipeline.data.schemas
 PromptMode = Literal["one_word", "instruction", "raw"]
 PROMPT_MODES: tuple[str, ...] = ("one_word", "instruction", "raw")
 

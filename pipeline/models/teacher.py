@@ -10,10 +10,12 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.config import TeacherConfig
 from pipeline.models.loading import default_device, resolve_local
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,13 @@ def resolve_teacher_path(source: str | Path | None) -> Path:
     if str(source).startswith("packaged:"):
         raise ValueError(f"unknown packaged teacher {source!r}; available: {PACKAGED_MINILM}")
     return resolve_local(source)
+
+
+def teacher_kwargs(teacher: TeacherConfig) -> dict[str, Any]:
+    """Constructor arguments of :class:`Teacher` from the ``teacher`` config section."""
+    return {"source": teacher.model, "prefix": teacher.instruction_prefix,
+            "max_seq_length": teacher.max_seq_length or None,
+            "trust_remote_code": teacher.trust_remote_code}
 
 
 class Teacher:

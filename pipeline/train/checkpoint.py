@@ -183,8 +183,8 @@ def export_lora_model(fresh: Any, trainable: dict[str, torch.Tensor], *, stage_d
         if min_seen < min_cosine:
             raise ExportMismatchError(f"the merged model's embeddings differ from the trained "
                                       f"model's: min cosine {min_seen:.6f} < {min_cosine}")
-        adapter_uri = upload_folder(adapter_local, storage.join(stage_dir, ADAPTER_DIR))
-        model_uri = upload_folder(model_local, storage.join(stage_dir, MODEL_DIR))
+        adapter_uri = storage.upload_folder(adapter_local, storage.join(stage_dir, ADAPTER_DIR))
+        model_uri = storage.upload_folder(model_local, storage.join(stage_dir, MODEL_DIR))
     check: dict[str, Any] = {"texts": probe_texts, "trained_emb": probe_emb.tolist(),
                              "min_cosine": min_seen, "threshold": min_cosine}
     if probe_images is not None:
@@ -197,20 +197,3 @@ def export_lora_model(fresh: Any, trainable: dict[str, torch.Tensor], *, stage_d
                 adapter_uri, str(dtype).removeprefix("torch."), model_uri, min_seen)
     return {"adapter": adapter_uri, "model": model_uri, "export_dtype": str(dtype),
             "export_check_min_cosine": min_seen}
-
-
-def upload_folder(local_dir: str, uri: str, *, last: str | None = None) -> str:
-    """Copy a local folder to ``uri`` (local or s3://), replacing what was there.
-
-    Files are written atomically one by one; ``last`` (a relative name) is written after
-    all others, so it can serve as the folder's completion marker.
-    """
-    storage.delete_prefix(uri)
-    files = sorted(str(p.relative_to(local_dir)) for p in Path(local_dir).rglob("*")
-                   if p.is_file())
-    if last is not None:
-        files = [f for f in files if f != last] + ([last] if last in files else [])
-    for rel in files:
-        storage.write_bytes(storage.join(uri, *rel.split(os.sep)),
-                            Path(local_dir, rel).read_bytes())
-    return uri

@@ -66,6 +66,7 @@ logger = logging.getLogger(__name__)
 TRAIN_DATASET = "train"
 SUMMARY_FILE = "train_summary.json"
 SCHEDULES = ("linear", "cosine", "constant")
+EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class StepMismatchError(RuntimeError):
@@ -376,13 +377,11 @@ def export_lora(ctx: WorkerContext, engine: Any, *, load_fresh: Callable[[], Any
                                   check_device=ctx.device, min_cosine=0.9999 if exact else 0.99)
 
 
-def check_global_batch(key: str, size: int, num_workers: int, num_rows: int | None,
-                       rows: str) -> None:
-    """A stage's global batch must split into equal worker slices and fit in its input."""
+def check_global_batch(key: str, size: int, num_rows: int | None, rows: str) -> None:
+    """A stage's global batch must fit in its input (that it splits into equal worker
+    slices is the config's own rule: ``pipeline.config.validate``)."""
     from pipeline.config import ConfigError
 
-    if size % num_workers:
-        raise ConfigError(f"{key}={size} is not a multiple of train.num_workers={num_workers}")
     if num_rows is not None and num_rows < size:
         raise ConfigError(f"{key}={size} is larger than the {num_rows} {rows}")
 
@@ -588,11 +587,12 @@ def resolve_use_gpu(train: TrainConfig) -> bool:
     return bool(train.use_gpu)
 
 
-def fit(spec: StageSpec, dataset: Any, config: Config) -> Any:
+def fit(spec: StageSpec, dataset: Any, run_name: str) -> Any:
     """Run the stage on Ray Train; returns the ``ray.train.Result``.
 
-    The run is ``RunConfig(name=<run name from the config hash>, storage_path=<stage
-    folder>/ray)``: a relaunch of the same config finds its checkpoints there and resumes.
+    The run is ``RunConfig(name=run_name, storage_path=<stage folder>/ray)``, with the run
+    name derived from the step's hash (``pipeline.steps.base.ray_run_name``): a relaunch of
+    the same step settings finds its checkpoints there and resumes.
     """
     import ray
     import ray.train
@@ -607,7 +607,7 @@ def fit(spec: StageSpec, dataset: Any, config: Config) -> Any:
                        cpus, train.num_workers, train.cpus_per_worker)
     fs, path = storage.resolve(storage.join(settings.stage_dir, "ray"))
     run_config = ray.train.RunConfig(
-        name=config.run_name, storage_path=path, storage_filesystem=fs,
+        name=run_name, storage_path=path, storage_filesystem=fs,
         failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.checkpoints_to_keep))
     scaling = ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=settings.use_gpu,
@@ -618,7 +618,7 @@ def fit(spec: StageSpec, dataset: Any, config: Config) -> Any:
                            dataset_config=ray.train.DataConfig(datasets_to_split=[]))
     start = time.perf_counter()
     result = trainer.fit()
-    logger.info("%s: Ray Train run %s finished in %.1f s", settings.stage, config.run_name,
+    logger.info("%s: Ray Train run %s finished in %.1f s", settings.stage, run_name,
                 time.perf_counter() - start)
     return result
 
@@ -642,20 +642,19 @@ def build_settings(config: Config, *, stage: str, folder: str, keys: tuple[str, 
                         max_steps=max_steps, scheduled_steps=scheduled_steps)
 
 
-def finished_run(config_hash: str, folder: str, target_steps: int,
-                 stage: str) -> dict[str, Any] | None:
-    """The manifest of a finished run with >= ``target_steps`` steps, else None (after
-    claiming the folder and removing the manifest of a shorter run, which then resumes)."""
+def finished_run(folder: str, owner: str, target_steps: int, stage: str,
+                 record: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of a finished run of this step identity (``owner``) with >=
+    ``target_steps`` steps, else None (after claiming the folder and removing the manifest
+    of a shorter run, which then resumes). Another identity's folder is refused."""
     import pyarrow as pa
 
-    from pipeline.outputs import ShardedOutput
-
     manifest = outputs.read_manifest(folder)
-    if (manifest is not None and manifest.get("config_hash") == config_hash
+    if (manifest is not None and manifest.get("step_hash") == owner
             and manifest.get("steps", -1) >= target_steps):
         logger.info("%s: complete already at %s (%d steps)", stage, folder, manifest["steps"])
         return manifest
-    ShardedOutput(folder, config_hash, pa.schema([])).claim()
+    outputs.ShardedOutput(folder, owner, pa.schema([])).claim(record)
     if manifest is not None:
         logger.info("%s: %s has %d steps, %d requested: resuming", stage, folder,
                     manifest.get("steps", 0), target_steps)
@@ -671,6 +670,11 @@ def rows_used(num_rows: int, settings: LoopSettings, steps: int) -> int:
         order = settings.epoch_order(epoch)
         used[order[:min(per_epoch, steps - epoch * per_epoch) * settings.global_batch_rows]] = True
     return int(used.sum())
+
+
+def export_dtype(precision: str, model_dtype: str) -> str:
+    """dtype of a stage's merged model: ``model.dtype``, or for auto the training precision's."""
+    return EXPORT_DTYPES[precision] if model_dtype == "auto" else model_dtype
 
 
 def absolute_uri(uri: str) -> str:

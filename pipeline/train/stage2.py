@@ -1,4 +1,5 @@
-"""Stage 2 of UniME: hard-negative enhanced instruction tuning (UNIME_METHOD.md, stage 2).
+"""Stage 2 of UniME: hard-negative enhanced instruction tuning (the training step is
+:mod:`pipeline.steps.stage2`; this module is its plug-in for the shared loop).
 
 The model starts from the merged stage-1 model (``stage2.init``) with fresh LoRA over the
 whole MLLM (``stage2.lora_vision``), and learns from the ``mine_negatives`` table: one row
@@ -32,10 +33,6 @@ InfoNCE warm-up (``stage2.infonce_warmup_steps``, 0 in the paper): the first ste
 with ``full_batch`` over ``stage2.infonce_warmup_negatives``; with ``batch`` a warm-up step
 flattens and embeds queries and positives only (M = 0 for that step).
 
-Outputs under ``<run_root>/stage2/`` as in stage 1: ``ray/`` (checkpoints, resume),
-``adapter/``, ``model/`` (merged, prompt mode ``instruction`` recorded), ``metrics.jsonl``
-(with the per-step hard-negative statistics), ``curves.png``, ``tensorboard/``,
-``train_summary.json``, ``export_check.json``, ``_manifest.json`` last.
 """
 from __future__ import annotations
 
@@ -44,29 +41,20 @@ import dataclasses
 import functools
 import hashlib
 import logging
-import time
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import outputs, provenance, storage
+from pipeline import storage
 from pipeline.config import Config, ConfigError, Stage2Config
-from pipeline.outputs import complete_input
+from pipeline.models.student import StudentSource
 from pipeline.train import loop
 from pipeline.train.lora import attach_lora, check_lora_only, parameter_counts, train_mode
-from pipeline.train.stage1 import (
-    EXPORT_DTYPES,
-    TINY_PREFIX,
-    StudentSource,
-    check_train_and_model,
-)
 
 logger = logging.getLogger(__name__)
 
-STEP = "stage2"
-MINED_STEP = "mine_negatives"
 KIND_QUERY, KIND_POSITIVE, KIND_NEGATIVE, KIND_PADDING = 0, 1, 2, 3
 NUM_PROBE_ROWS = 4
 SMALL_INPUT_BYTES = 256 * 2**20  # mined shards up to this size go through the driver
@@ -212,8 +200,7 @@ class Stage2Spec:
         self.settings = settings
         self.init = init
         self.stage2 = config.stage2
-        self.export_dtype = (EXPORT_DTYPES[settings.precision] if config.model.dtype == "auto"
-                             else config.model.dtype)
+        self.export_dtype = loop.export_dtype(settings.precision, config.model.dtype)
         self.probe_rows = probe_rows
         self.vision_frozen = not self.stage2.lora_vision
 
@@ -313,52 +300,7 @@ class Stage2Spec:
             load_fresh=lambda: self.load_model(dtype=torch.float32, device="cpu"))
 
 
-# -- the driver ------------------------------------------------------------------------------------
-def check_config(config: Config, num_pairs: int | None = None) -> None:
-    """Fail before heavy work, naming the key."""
-    stage2 = config.stage2
-    loop.check_global_batch("stage2.global_batch_pairs", stage2.global_batch_pairs,
-                            config.train.num_workers, num_pairs,
-                            "pairs of the mine_negatives step")
-    for key, negatives in (("negatives", stage2.negatives),
-                           ("infonce_warmup_negatives", stage2.infonce_warmup_negatives)):
-        if negatives in ("mined", "both") and stage2.mined_negatives + stage2.given_negatives == 0:
-            raise ConfigError(f"stage2.{key}={negatives} needs stage2.mined_negatives or "
-                              "stage2.given_negatives > 0")
-    if stage2.fn_ratio is not None and stage2.fn_ratio <= 0:
-        raise ConfigError(f"stage2.fn_ratio={stage2.fn_ratio} must be > 0 (or null)")
-    if not stage2.init:
-        raise ConfigError("stage2.init is empty: use stage1, student or a model folder")
-    check_train_and_model(config)
-
-
-def resolve_init(config: Config) -> StudentSource:
-    """The starting model of ``stage2.init`` (see the config help); errors name the key."""
-    init, model = config.stage2.init, config.model
-    if init == "stage1":
-        folder = config.step_dir("stage1")
-        if outputs.read_manifest(folder) is None:
-            raise FileNotFoundError(f"stage2.init=stage1: {folder} is not a finished stage-1 "
-                                    "run; run jobs/stage1.py first (or set stage2.init)")
-        uri = storage.join(folder, "model")
-        return StudentSource(loop.absolute_uri(uri), model.family, model.trust_remote_code)
-    if init == "student":
-        uri = model.path
-        if uri.startswith(TINY_PREFIX):
-            uri = storage.join(config.run_root, "models", f"tiny-{uri[len(TINY_PREFIX):]}")
-            hint = "; the tiny student is built by stage1: run jobs/stage1.py first"
-        else:
-            hint = " (model.path)"
-    else:
-        uri, hint = init, ""
-    from pipeline.models import META_FILE
-
-    if not (storage.exists(storage.join(uri, META_FILE))
-            or storage.exists(storage.join(uri, "config.json"))):
-        raise FileNotFoundError(f"stage2.init={init}: no model folder at {uri}{hint}")
-    return StudentSource(loop.absolute_uri(uri), model.family, model.trust_remote_code)
-
-
+# -- the driver's reads ---------------------------------------------------------------------------
 def pair_keys(shards: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Sorted pair ids of the mined shards (unique) and each one's dataset."""
     dataset_of: dict[str, str] = {}
@@ -397,67 +339,6 @@ def probe_rows(shards: list[str]) -> list[PairRow]:
     return [rows[i] for i in table.column("id").to_pylist()]
 
 
-def training_dataset(folder: str, shards: list[str]) -> Any:
-    """The mined shards as a Ray Dataset. Small tables (the demo, tests) are read here and
-    handed over with ``from_arrow``: ``read_parquet`` would start a Ray worker process per
-    read task in every Train worker, which costs about a minute on a 2-core machine.
-    Larger ones are read by Ray Data (``read_parquet``) and never held by the driver."""
-    import ray.data
-
-    size = provenance.fingerprint(folder)["bytes"]
-    if size <= SMALL_INPUT_BYTES:
-        return ray.data.from_arrow([storage.read_table(uri) for uri in shards])
-    fs, first = storage.resolve(shards[0])
-    paths = [first] + [storage.resolve(uri)[1] for uri in shards[1:]]
-    logger.info("stage2: %.1f GiB of mined shards: read by Ray Data", size / 2**30)
-    return ray.data.read_parquet(paths, filesystem=fs)
-
-
-def stage2(config: Config, folder: str | None = None) -> dict[str, Any]:
-    """Run stage 2 into ``folder`` (default ``<run_root>/stage2``; ablations use others), or
-    skip it when complete; returns its manifest."""
-    start = time.perf_counter()
-    folder = folder or config.step_dir(STEP)
-    check_config(config)
-    mined_folder = config.step_dir(MINED_STEP)
-    mined_manifest, shards = complete_input(mined_folder)
-    num_pairs = mined_manifest["rows_out"]
-    check_config(config, num_pairs)
-    init = resolve_init(config)
-    keys, datasets = pair_keys(shards)
-    if len(keys) != num_pairs:
-        raise storage.StorageError(f"{mined_folder}: the manifest counts {num_pairs} pairs "
-                                   f"but the shards hold {len(keys)}")
-    stage2_cfg = config.stage2
-    settings = loop.build_settings(
-        config, stage=STEP, folder=folder, keys=keys,
-        optim=config.stage2.optim, epochs=config.stage2.epochs,
-        max_steps=config.stage2.max_steps,
-        scheduled_steps=stage2_cfg.steps,
-        global_batch_rows=stage2_cfg.global_batch_pairs, sample_unit="items",
-        row_groups=batch_groups(config, datasets))
-    done = loop.finished_run(config.config_hash, folder, settings.stop_step, STEP)
-    if done is not None:
-        return done
-    spec = Stage2Spec(settings, init=init, config=config, probe_rows=probe_rows(shards))
-    loop.fit(spec, training_dataset(mined_folder, shards), config)
-    summary = storage.read_json(storage.join(settings.stage_dir, loop.SUMMARY_FILE))
-    used = loop.rows_used(num_pairs, settings, summary["steps"])
-    return outputs.write_manifest(folder, {
-        "rows_in": num_pairs, "rows_out": num_pairs, "rows_rejected": 0,
-        "rejects_by_reason": {}, "pairs_used": used, "pairs_never_used": num_pairs - used,
-        "global_batch_pairs": settings.global_batch_rows, "batching": stage2_cfg.batching,
-        "steps_per_epoch": settings.steps_per_epoch, "negative_slots": spec.negative_slots,
-        "config_hash": config.config_hash, "seconds": round(time.perf_counter() - start, 3),
-        **summary,
-        "hard_negatives": hard_negative_summary(settings.stage_dir),
-        "init": dataclasses.asdict(init),
-        "ray_run": {"storage": storage.join(folder, "ray"), "name": config.run_name},
-        "inputs": {"mine_negatives": provenance.fingerprint(mined_folder)},
-        "config": config.to_dict(),
-    })
-
-
 def hard_negative_summary(stage_dir: str) -> dict[str, Any]:
     """Means of the per-step hard-negative statistics over the run, and of the last step."""
     from pipeline.train.metrics import read_metrics
@@ -472,19 +353,3 @@ def hard_negative_summary(stage_dir: str) -> dict[str, Any]:
             out[name] = {"mean": float(np.nanmean(values)) if np.isfinite(values).any()
                          else None, "last": float(values[-1])}
     return out
-
-
-def format_summary(manifest: dict[str, Any], folder: str) -> str:
-    hn = manifest.get("hard_negatives", {})
-    rate = hn.get("hn_false_negative_rate", {}).get("mean")
-    margin = hn.get("hn_mean_margin", {}).get("last")
-    extra = ""
-    if rate is not None:
-        extra += f"; queries with a false negative dropped {100 * rate:.1f}%"
-    if margin is not None:
-        extra += f"; pos-neg margin at the end {margin:.3f}"
-    return (f"stage2 -> {folder}  ({manifest['seconds']:.1f} s)\n"
-            f"{manifest['steps']} of {manifest['total_steps']} scheduled steps on "
-            f"{manifest['world_size']} worker(s), {manifest['precision']}, ZeRO-"
-            f"{manifest['zero_stage']}; loss {manifest['first_loss']:.4f} -> "
-            f"{manifest['final_loss']:.4f}{extra}; merged model at {manifest['model']}")

@@ -1,0 +1,202 @@
+"""The mining step's tables (work of :mod:`pipeline.steps.mine_negatives`): the distinct
+targets read back from the ``embeddings`` shards, the negatives' payloads read from the pairs
+shards, the ``mined`` rows, and per-dataset statistics of the filters with their plot.
+
+The search and the false-negative filter themselves are :mod:`pipeline.mining` (arrays in,
+arrays out); this module is where they meet files.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline import outputs, storage
+from pipeline.data.schemas import PAIRS, vectors_numpy
+
+HISTOGRAM_BINS = np.linspace(-1.0, 1.0, 41)
+
+
+@dataclass
+class TargetIndex:
+    """Every distinct target: its vector, group, content key and where its payload is."""
+
+    emb: np.ndarray            # (C, D) float32, unit rows
+    groups: np.ndarray         # (C,) dataset names (or one group for scope=global)
+    keys: np.ndarray           # (C,) content keys
+    location: np.ndarray       # (C, 2) int64: pairs shard, row
+    row_of: dict[tuple[str, str], int]  # (dataset, key) -> target row
+
+
+def check_pair(row: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(reason, field, detail) when a pair cannot be mined, else None."""
+    from PIL import Image
+
+    if not (row.get("pos_text") or "").strip() and row.get("pos_image") is None:
+        return ("missing_positive", "pos_text", "the pair has no positive text or image")
+    for field in ("qry_image", "pos_image"):
+        data = row.get(field)
+        if data is None:
+            continue
+        try:
+            Image.open(io.BytesIO(data)).load()
+        except Exception as err:  # noqa: BLE001 - any decode failure refuses the row
+            return ("corrupt_image", field, f"packed image does not decode: {err}")
+    return None
+
+
+def reject_row(row: dict[str, Any], uri: str, position: int, reason: str, field: str,
+            detail: str) -> dict[str, Any]:
+    payload = {k: v for k, v in row.items() if not isinstance(v, bytes | list)}
+    return {"id": row["id"], "source": f"{uri}#{position}", "field": field,
+            "reason": reason, "detail": detail,
+            "row_json": json.dumps(payload, ensure_ascii=False, default=repr)}
+
+
+def load_targets(embeddings_folder: str, scope: str) -> TargetIndex:
+    """The target rows of every embeddings shard, in shard order."""
+    emb, groups, keys, location = [], [], [], []
+    for uri in outputs.shard_uris(embeddings_folder):
+        table = storage.read_table(uri)
+        mask = np.asarray(table.column("kind").to_pylist()) == "target"
+        if not mask.any():
+            continue
+        shard = outputs.shard_index(uri)
+        vectors = vectors_numpy(table.column("emb"))[mask]
+        emb.append(vectors)
+        groups += [d for d, m in zip(table.column("dataset").to_pylist(), mask, strict=True) if m]
+        keys += [k for k, m in zip(table.column("key").to_pylist(), mask, strict=True) if m]
+        rows = np.asarray(table.column("row").to_pylist())[mask]
+        location += [(shard, r) for r in rows]
+    matrix = np.concatenate(emb) if emb else np.zeros((0, 1), np.float32)
+    matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)  # fp16 -> unit
+    row_of = {(g, k): i for i, (g, k) in enumerate(zip(groups, keys, strict=True))}
+    group_arr = np.asarray(groups if scope == "dataset" else ["all"] * len(groups), dtype=object)
+    return TargetIndex(matrix, group_arr, np.asarray(keys, dtype=object),
+                       np.asarray(location, dtype=np.int64).reshape(-1, 2), row_of)
+
+
+def negative_payloads(neg_ids: np.ndarray, targets: TargetIndex, own_uri: str,
+                       own_rows: list[dict[str, Any]]) -> dict[int, tuple[str, bytes | None]]:
+    """(text, image) of every chosen negative, read from the pairs shards holding them."""
+    needed = np.unique(neg_ids[neg_ids >= 0])
+    payloads: dict[int, tuple[str, bytes | None]] = {}
+    folder = own_uri.rsplit("/", 1)[0]
+    for shard in np.unique(targets.location[needed, 0]):
+        in_shard = needed[targets.location[needed, 0] == shard]
+        uri = storage.join(folder, outputs.shard_name(int(shard)))
+        rows = own_rows if uri == own_uri else storage.read_table(
+            uri, columns=["pos_text", "pos_image"]).to_pylist()
+        for t in in_shard:
+            row = rows[int(targets.location[t, 1])]
+            payloads[int(t)] = (row["pos_text"], row["pos_image"])
+    return payloads
+
+
+def mined_row(pair: dict[str, Any], selection: Any, j: int, pos_score: float,
+               payloads: dict[int, tuple[str, bytes | None]], keys: np.ndarray
+               ) -> dict[str, Any]:
+    chosen = [int(t) for t in selection.neg_ids[j] if t >= 0]
+    counts = selection.counts
+    row = {k: pair[k] for k in PAIRS.names if k not in ("neg_text", "neg_image")}
+    row.update({
+        "given_neg_text": pair["neg_text"], "given_neg_image": pair["neg_image"],
+        "neg_text": [payloads[t][0] for t in chosen],
+        "neg_image": [payloads[t][1] for t in chosen],
+        "neg_key": [keys[t] for t in chosen],
+        "neg_score": [float(s) for s in selection.neg_scores[j][:len(chosen)]],
+        "pos_score": float(pos_score),
+        "n_false_neg_dropped": int(counts["dropped_margin"][j] + counts["dropped_ratio"][j]
+                                   + counts["dropped_max_score"][j]),
+        "n_duplicate_dropped": int(counts["dropped_self"][j] + counts["dropped_duplicate"][j]
+                                   + counts["dropped_repeat"][j]),
+        "short": bool(counts["short"][j]),
+    })
+    return row
+
+
+def shard_stats(*, datasets: list[str], selection: Any, pos_scores: np.ndarray
+                 ) -> dict[str, Any]:
+    """Per-dataset sums of the filter counts and score histograms (to merge across shards)."""
+    stats: dict[str, Any] = {}
+    names = np.asarray(datasets, dtype=object)
+    for dataset in sorted(set(datasets)):
+        rows = names == dataset
+        counts = {k: v[rows] for k, v in selection.counts.items()}
+        neg = selection.neg_scores[rows]
+        stats[dataset] = {
+            **{k: int(np.sum(v)) for k, v in counts.items()},
+            "queries": int(rows.sum()),
+            "pos_hist": np.histogram(pos_scores[rows], HISTOGRAM_BINS)[0].tolist(),
+            "neg_hist": np.histogram(neg[np.isfinite(neg)], HISTOGRAM_BINS)[0].tolist(),
+        }
+    return stats
+
+
+def merge_stats(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for shard in shards:
+        for dataset, stats in shard.items():
+            into = merged.setdefault(dataset, collections.defaultdict(int))
+            for key, value in stats.items():
+                if isinstance(value, list):
+                    into[key] = (np.asarray(into.get(key) or np.zeros(len(value), int))
+                                 + value).tolist()
+                else:
+                    into[key] += value
+    return {d: dict(v) for d, v in sorted(merged.items())}
+
+
+def first_target_rows(pair_shards: list[str]) -> list[list[int]]:
+    """Per shard, the rows whose (dataset, target key) is seen for the first time."""
+    seen: set[tuple[str, str]] = set()
+    firsts = []
+    for uri in pair_shards:
+        table = storage.read_table(uri, columns=["dataset", "pos_key"])
+        rows = []
+        for i, key in enumerate(zip(table.column("dataset").to_pylist(),
+                                    table.column("pos_key").to_pylist(), strict=True)):
+            if key not in seen:
+                seen.add(key)
+                rows.append(i)
+        firsts.append(rows)
+    return firsts
+
+
+def per_dataset(stats: dict[str, Any]) -> dict[str, Any]:
+    return {d: {**s, "negatives_kept": s["n_selected"], "candidates_seen": s["n_candidates"]}
+            for d, s in stats.items()}
+
+
+def totals(stats: dict[str, Any]) -> dict[str, int]:
+    keys = [k for k in next(iter(stats.values()), {}) if not k.endswith("_hist")]
+    return {k: int(sum(s[k] for s in stats.values())) for k in keys}
+
+
+def histogram_png(stats: dict[str, Any], uri: str) -> None:
+    """One panel per dataset: positive vs chosen-negative similarity histograms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(stats) or ["(none)"]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
+    centers = (HISTOGRAM_BINS[:-1] + HISTOGRAM_BINS[1:]) / 2
+    width = HISTOGRAM_BINS[1] - HISTOGRAM_BINS[0]
+    for ax, name in zip(axes[0], names, strict=True):
+        for key, label in (("pos_hist", "positive"), ("neg_hist", "hard negatives")):
+            ax.bar(centers, stats.get(name, {}).get(key, [0] * len(centers)), width=width,
+                   alpha=0.6, label=label)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("cosine similarity to the query")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    storage.write_bytes(uri, buffer.getvalue())

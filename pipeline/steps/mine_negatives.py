@@ -1,0 +1,290 @@
+"""Step 4, mine_negatives: embed the stage-2 pairs with the miner, search, filter, write
+``mined``. Runs standalone as an offline job.
+
+Two phases over the ``prepare_data/pairs`` shards, each one Ray Data task per shard:
+
+1. **embed** (a pool of miner actors, :class:`MinerShardWorker`, one GPU each when the
+   cluster has GPUs): for pairs shard i, the queries of its rows and the distinct targets
+   first seen in it, written to ``embeddings/part-i.parquet`` (kind, dataset, key, row,
+   float16 vector). A row whose positive is empty, whose image does not decode, or whose
+   vector is not finite is refused here, with its reason.
+2. **search** (stateless tasks, :func:`search_shard`, spread over the cluster): for pairs
+   shard i, exact blockwise top-``search_k`` of its queries against the targets of the same
+   dataset (``mining.scope``), the false-negative filters and the selection of
+   :mod:`pipeline.mining`, then the stage-2 training rows (``mined`` table, shard i) with
+   the negatives' texts and packed images (:mod:`pipeline.data.mined`).
+
+The target matrix travels once through the object store. Outputs under
+``<run_root>/mine_negatives``: ``embeddings/``, ``part-*.parquet`` (mined), ``_rejects/``,
+``scores.png`` (histograms) and ``_manifest.json`` with per-dataset statistics.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import outputs, provenance, storage
+from pipeline.config import Config, ConfigError, MiningConfig
+from pipeline.data import mined
+from pipeline.data.schemas import MINED, embeddings_schema, vector_array, vectors_numpy
+from pipeline.steps import base
+
+logger = logging.getLogger(__name__)
+
+NAME = "mine_negatives"
+READS = ("mining",)
+USES_RAY = True
+INPUT_TABLE = "pairs"  # of prepare_data
+EMBEDDINGS_DIR = "embeddings"
+
+
+def inputs(config: Config) -> tuple[str, ...]:
+    return ("prepare_data", "stage1") if config.mining.miner == "stage1" else ("prepare_data",)
+
+
+def check(config: Config) -> None:
+    """Settings the search cannot run with (FAISS GPU's k limit)."""
+    from pipeline.mining import FAISS_GPU_MAX_K
+
+    mining = config.mining
+    if mining.backend == "faiss_gpu" and mining.search_k > FAISS_GPU_MAX_K:
+        raise ConfigError(f"mining.search_k={mining.search_k} exceeds FAISS GPU's limit of "
+                          f"{FAISS_GPU_MAX_K}; lower it or use mining.backend=torch")
+
+
+def check_sources(config: Config) -> None:
+    """A miner folder other than stage 1's exists."""
+    if config.mining.miner != "stage1" and not storage.exists(config.mining.miner):
+        raise FileNotFoundError(f"mining.miner: {config.mining.miner} does not exist")
+
+
+def miner_path(config: Config) -> str:
+    if config.mining.miner == "stage1":
+        return storage.join(base.input_dir(config, NAME, "stage1"), "model")
+    return config.mining.miner
+
+
+# -- phase 1: embed -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MinerEmbedTask:
+    index: int
+    pairs_uri: str
+    first_targets: list[int]   # rows of this shard whose target is first seen here
+
+
+class MinerShardWorker:
+    """Ray Data actor: holds the miner, embeds one pairs shard per call."""
+
+    def __init__(self, path: str, trust_remote_code: bool, prompt_mode: str,
+                 batch_size: int, folder: str, owner: str, torch_threads: int) -> None:
+        import torch
+
+        from pipeline.models import Embedder
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, torch_threads))
+        self.embedder = Embedder.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.embedder.eval()
+        self.prompt_mode, self.batch_size = prompt_mode, batch_size
+        self.output = outputs.ShardedOutput(storage.join(folder, EMBEDDINGS_DIR), owner,
+                                            embeddings_schema(self.embedder.embedding_dim()))
+
+    def __call__(self, task: MinerEmbedTask) -> dict[str, Any]:
+        start = time.perf_counter()
+        rows = storage.read_table(task.pairs_uri).to_pylist()
+        rejects = {i: why for i, row in enumerate(rows) if (why := mined.check_pair(row))}
+        items = [("query", i) for i in range(len(rows)) if i not in rejects]
+        items += [("target", i) for i in task.first_targets if i not in rejects]
+        texts = [rows[i]["qry_text" if k == "query" else "pos_text"] for k, i in items]
+        images = [rows[i]["qry_image" if k == "query" else "pos_image"] for k, i in items]
+        emb = self.embedder.encode(texts=texts, images=images, batch_size=self.batch_size,
+                                   mode=self.prompt_mode).numpy()  # (M, D)
+        for (kind, i), ok in zip(items, np.isfinite(emb).all(axis=1), strict=True):
+            if not ok:
+                rejects.setdefault(i, ("nan_embedding", f"{kind}_emb",
+                                       f"the miner produced a NaN/inf {kind} vector"))
+        keep = [j for j, (_, i) in enumerate(items) if i not in rejects]
+        kept = [items[j] for j in keep]
+        table = pa.Table.from_pydict({
+            "kind": [k for k, _ in kept],
+            "dataset": [rows[i]["dataset"] for _, i in kept],
+            "key": [rows[i]["id"] if k == "query" else rows[i]["pos_key"] for k, i in kept],
+            "row": pa.array([i for _, i in kept], pa.int32()),
+            "emb": vector_array(emb[keep].reshape(len(keep), self.embedder.embedding_dim())),
+        }, schema=self.output.schema)
+        reject_rows = [mined.reject_row(rows[i], task.pairs_uri, i, *why) for i, why in
+                       sorted(rejects.items())]
+        self.output.write_shard(task.index, table, reject_rows)
+        return {"shard": task.index, "embedded": len(keep), "rejected": len(reject_rows),
+                "seconds": time.perf_counter() - start}
+
+
+# -- phase 2: search, filter, write --------------------------------------------------------------
+@dataclass(frozen=True)
+class SearchTask:
+    index: int
+    pairs_uri: str
+    embeddings_uri: str
+    embedding_rejects_uri: str
+    targets: Any               # ObjectRef of the mined.TargetIndex
+    folder: str
+    owner: str
+    mining: MiningConfig
+
+
+def search_shard(task: SearchTask) -> dict[str, Any]:
+    """Mine shard ``task.index``: its queries against the targets; write mined rows."""
+    import ray
+
+    from pipeline.mining import search_within_groups, select_negatives
+
+    start = time.perf_counter()
+    targets: mined.TargetIndex = ray.get(task.targets)
+    mining = task.mining
+    pairs = storage.read_table(task.pairs_uri).to_pylist()
+    embedded = storage.read_table(task.embeddings_uri)
+    queries = [i for i, k in enumerate(embedded.column("kind").to_pylist()) if k == "query"]
+    q_rows = np.asarray(embedded.column("row").to_pylist(), dtype=np.int64)[queries]
+    q_emb = vectors_numpy(embedded.column("emb"))[queries]
+    q_emb /= np.maximum(np.linalg.norm(q_emb, axis=1, keepdims=True), 1e-12)  # (Q, D)
+    datasets = [pairs[r]["dataset"] for r in q_rows]
+    pos_ids = np.asarray([targets.row_of.get((d, pairs[r]["pos_key"]), -1)
+                          for d, r in zip(datasets, q_rows, strict=True)], dtype=np.int64)
+    # Rows refused while embedding, then rows whose positive's target was refused.
+    rejects = storage.read_table(task.embedding_rejects_uri).to_pylist()
+    rejects += [mined.reject_row(pairs[r], task.pairs_uri, int(r), "missing_positive",
+                                 "pos_key", "the positive's target was refused in the "
+                                 "embedding phase")
+                for r, p in zip(q_rows, pos_ids, strict=True) if p < 0]
+    ok = pos_ids >= 0
+    q_rows, q_emb, pos_ids = q_rows[ok], q_emb[ok], pos_ids[ok]
+    q_groups = np.asarray([pairs[r]["dataset"] if mining.scope == "dataset" else "all"
+                           for r in q_rows], dtype=object)
+    k = min(mining.search_k, max(1, len(targets.keys)))
+    result = search_within_groups(
+        q_emb, q_groups, targets.emb, targets.groups, k, backend=mining.backend,
+        block_size=mining.block_size, query_block_size=mining.query_block_size,
+        build=mining.index, nlist=mining.ivf_nlist if mining.index == "ivf" else None,
+        nprobe=mining.ivf_nprobe, num_threads=max(1, int(mining.cpus_per_actor)))
+    pos_scores = (q_emb * targets.emb[pos_ids]).sum(axis=1)  # (Q,)
+    selection = select_negatives(
+        result.scores, result.ids, pos_scores, pos_ids, targets.keys,
+        targets.keys[pos_ids], num_negatives=mining.num_negatives,
+        fn_margin=mining.fn_margin, fn_ratio=mining.fn_ratio, max_score=mining.max_score,
+        unique_negatives=mining.unique_negatives, selection=mining.selection,
+        range_min=mining.range_min, range_max=mining.range_max or None,
+        seed=mining.seed + task.index)
+    payloads = mined.negative_payloads(selection.neg_ids, targets, task.pairs_uri, pairs)
+    rows = [mined.mined_row(pairs[r], selection, j, pos_scores[j], payloads, targets.keys)
+            for j, r in enumerate(q_rows)]
+    stats = mined.shard_stats(datasets=[pairs[r]["dataset"] for r in q_rows],
+                              selection=selection, pos_scores=pos_scores)
+    output = outputs.ShardedOutput(task.folder, task.owner, MINED)
+    storage.write_json(output.stats_uri(task.index), stats)
+    output.write_shard(task.index, rows, rejects)
+    return {"shard": task.index, "rows": len(rows), "seconds": time.perf_counter() - start,
+            "search": json.dumps(result.stats, default=str)}
+
+
+# -- the step -----------------------------------------------------------------------------------
+def run(config: Config) -> dict[str, Any]:
+    """Mine every shard not done yet (or reuse the finished step); returns the manifest."""
+    import ray
+
+    from pipeline.ray_utils import actor_pool_resources, run_shard_tasks
+
+    start = time.perf_counter()
+    folder = config.step_dir(NAME)
+    owner = base.step_hash(config, NAME)
+    check(config)
+    if (done := base.finished(config, NAME)) is not None:
+        return done
+    input_folder = storage.join(base.input_dir(config, NAME, "prepare_data"), INPUT_TABLE)
+    base.input_manifest(config, NAME, "prepare_data", input_folder)
+    inputs_manifest, shards = outputs.complete_input(input_folder)
+    if config.mining.miner == "stage1":
+        base.input_manifest(config, NAME, "stage1")
+    path = miner_path(config)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"miner model not found: {path} (mining.miner="
+                                f"{config.mining.miner!r}; run stage 1 first or set a folder)")
+    output = outputs.ShardedOutput(folder, owner, MINED)
+    output.claim(base.job_record(config, NAME))
+    embed_folder = storage.join(folder, EMBEDDINGS_DIR)
+    outputs.ShardedOutput(embed_folder, owner, pa.schema([])).claim(base.job_record(config, NAME))
+    done_shards = output_done(embed_folder, len(shards))
+    firsts = mined.first_target_rows(shards)
+    embed_tasks = [MinerEmbedTask(i, uri, firsts[i]) for i, uri in enumerate(shards)
+                   if i not in done_shards]
+    actors, cpus, gpus = actor_pool_resources(config.mining.num_actors,
+                                              config.mining.cpus_per_actor)
+    logger.info("mine_negatives: embedding %d shards (%d done) with %d actor(s) of %s",
+                len(embed_tasks), len(done_shards), min(actors, len(embed_tasks) or 1), path)
+    run_shard_tasks(embed_tasks, MinerShardWorker, num_cpus=cpus, num_gpus=gpus,
+                    pool_size=min(actors, len(embed_tasks) or 1), worker_kwargs={
+                        "path": path, "trust_remote_code": config.mining.miner_trust_remote_code,
+                        "prompt_mode": config.mining.prompt_mode,
+                        "batch_size": config.mining.embed_batch_size, "folder": folder,
+                        "owner": owner, "torch_threads": int(cpus)})
+    targets = mined.load_targets(embed_folder, config.mining.scope)
+    logger.info("mine_negatives: %d distinct targets, dim %d", *targets.emb.shape)
+    targets_ref = ray.put(targets)
+    done_shards = output_done(folder, len(shards))
+    embedded = outputs.ShardedOutput(embed_folder, owner, pa.schema([]))
+    search_tasks = [SearchTask(i, uri, embedded.shard_uri(i), embedded.reject_uri(i),
+                               targets_ref, folder, owner, config.mining)
+                    for i, uri in enumerate(shards) if i not in done_shards]
+    # Search on the GPU when the cluster has one and the backend can use it.
+    search_gpus = gpus if config.mining.backend != "faiss" else 0.0
+    results = run_shard_tasks(search_tasks, search_shard, num_cpus=cpus, num_gpus=search_gpus)
+    logger.info("mine_negatives: %d shards searched in this run", len(results))
+    stats = mined.merge_stats([storage.read_json(output.stats_uri(i))
+                               for i in range(len(shards))])
+    mined.histogram_png(stats, storage.join(folder, "scores.png"))
+    recall = ivf_recall(config.mining, targets) if config.mining.index == "ivf" else None
+    return output.finish(
+        rows_in=inputs_manifest["rows_out"], num_shards=len(shards),
+        seconds=time.perf_counter() - start, config_hash=config.config_hash,
+        extra={"table": "mined", "miner": path, "targets": int(targets.emb.shape[0]),
+               "shards_skipped": len(done_shards), "per_dataset": mined.per_dataset(stats),
+               "totals": mined.totals(stats), "ivf_recall": recall,
+               "inputs": {"pairs": provenance.fingerprint(input_folder)},
+               "identity": base.identity(config, NAME), "config": config.to_dict()})
+
+
+def output_done(folder: str, num_shards: int) -> set[int]:
+    """Shards of ``folder`` whose data and rejects files are complete."""
+    return outputs.ShardedOutput(folder, "", MINED).done_shards(num_shards)
+
+
+def ivf_recall(mining: MiningConfig, targets: mined.TargetIndex) -> float:
+    """Recall@k of IVF vs exact search on a sample of targets used as queries."""
+    from pipeline.mining import estimate_recall, search_topk
+
+    k = min(mining.search_k, len(targets.keys))
+    approx = search_topk(targets.emb, targets.emb, k, backend=mining.backend, build="ivf",
+                         nlist=mining.ivf_nlist, nprobe=mining.ivf_nprobe)
+    return float(estimate_recall(targets.emb, targets.emb, approx.ids,
+                                 sample_size=mining.recall_sample, seed=mining.seed))
+
+
+def summarize(manifest: dict[str, Any], folder: str) -> str:
+    lines = [f"mine_negatives -> {folder}  ({manifest['seconds']:.1f} s, "
+             f"{manifest['targets']} distinct targets)",
+             f"{'dataset':<14} {'queries':>7} {'cands':>6} {'self/dup':>8} {'margin':>7} "
+             f"{'ratio':>6} {'max':>5} {'kept':>6} {'short':>6}"]
+    for name, s in manifest["per_dataset"].items():
+        lines.append(f"{name:<14} {s['queries']:>7} {s['n_candidates']:>6} "
+                     f"{s['dropped_self'] + s['dropped_duplicate'] + s['dropped_repeat']:>8} "
+                     f"{s['dropped_margin']:>7} {s['dropped_ratio']:>6} "
+                     f"{s['dropped_max_score']:>5} {s['n_selected']:>6} {s['short']:>6}")
+    lines.append(f"pairs in {manifest['rows_in']}, mined {manifest['rows_out']}, rejected "
+                 f"{manifest['rows_rejected']} {manifest['rejects_by_reason'] or ''} "
+                 f"(rows in {folder}/_rejects)")
+    return "\n".join(lines)
