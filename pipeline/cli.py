@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import ModuleType
@@ -74,8 +75,10 @@ def exit_codes(config: Config | None) -> Iterator[None]:
 
 
 def _debug_traceback(config: Config | None) -> None:
+    """With ``log_level=DEBUG``, the traceback above the one line (logging may not be set
+    up yet: the checks run before it)."""
     if config is not None and config.log_level == "DEBUG":
-        logger.debug("the error's traceback", exc_info=True)
+        traceback.print_exc(file=sys.stderr)
 
 
 def check_before_ray(config: Config, step: Any, *, inputs: bool = True) -> None:
