@@ -207,6 +207,12 @@ def _resolvecall(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), local_path(uri)
 
 
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a local path made absolute (Ray workers may run in another folder); an
+    s3:// URI without its trailing slash."""
+    return uri.rstrip("/") if is_s3(uri) else local_path(uri)
+
+
 def join(uri: str, *parts: str) -> str:
     """``join("s3://b/x", "y") == "s3://b/x/y"``; local paths use ``os.path.join``."""
     if not is_s3(uri):

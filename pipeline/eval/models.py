@@ -12,7 +12,7 @@ import re
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.eval.embed import ModelRef
-from pipeline.models.student import absolute_uri, student_folder
+from pipeline.models.student import student_folder
 
 SPECIAL_MODELS = ("student", "stage1", "stage2")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -49,7 +49,7 @@ def resolve_models(config: Config, models: dict[str, str] | None = None) -> dict
             raise ValueError(f"model label {label!r}: use letters, digits, '_', '.', '-'")
         if value == "student":
             continue  # below: a tiny student is built only once the others are known to exist
-        ref = ModelRef(absolute_uri(storage.join(config.run_root, value, "model")
+        ref = ModelRef(storage.absolute_uri(storage.join(config.run_root, value, "model")
                                     if value in ("stage1", "stage2") else value))
         if not storage.exists(ref.path):
             raise FileNotFoundError(f"eval.models: model {label!r} ({value}) not found at "

@@ -29,7 +29,6 @@ import numpy as np
 from pipeline import outputs, provenance, storage
 from pipeline.config import Config
 from pipeline.data.schemas import IMAGE_PLACEHOLDER
-from pipeline.models.student import absolute_uri
 
 logger = logging.getLogger(__name__)
 
@@ -195,20 +194,20 @@ def _caption_source(config: Config, value: str, images: str, demo_rel: str,
         logger.info("evaluate: %s skipped (%s=%r)", key, key, value)
         return None
     if value:
-        value = absolute_uri(value)
+        value = storage.absolute_uri(value)
         root = value.rsplit("/", 1)[0] if value.endswith(".json") else value
-        return value, absolute_uri(images or root)
+        return value, storage.absolute_uri(images or root)
     from pipeline.data.prepare import ensure_demo_world
 
-    root = absolute_uri(storage.join(config.run_root, "sources", "demo_world"))
+    root = storage.absolute_uri(storage.join(config.run_root, "sources", "demo_world"))
     ensure_demo_world(root, config)
-    return storage.join(root, *demo_rel.split("/")), absolute_uri(images or root)
+    return storage.join(root, *demo_rel.split("/")), storage.absolute_uri(images or root)
 
 
 def read_sets(config: Config, items: Items) -> tuple[list[EvalSet], dict[str, Any]]:
     """The eval sets present, as rows over ``items``; and the eval_images row index."""
     sets, image_rows = [], {}
-    prepared = absolute_uri(config.step_dir("prepare_data"))
+    prepared = storage.absolute_uri(config.step_dir("prepare_data"))
     eval_folder = storage.join(prepared, "eval")
     if not config.eval.mmeb:
         logger.info("evaluate: MMEB-format sets skipped (eval.mmeb=false)")

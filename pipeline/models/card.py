@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline import storage
 from pipeline.data.schemas import IMAGE_PLACEHOLDER
 from pipeline.models.export import Source
 from pipeline.models.registry import format_text, get_backbone
-from pipeline.models.student import absolute_uri
 
 HEADLINE_METRICS = ("overall_mean_of_metatasks", "overall_mean_of_datasets",
                     "in_distribution_mean", "out_of_distribution_mean", "mean")
@@ -69,7 +69,7 @@ def eval_lines(report: dict[str, Any] | None, source_uri: str) -> list[str]:
         return ["No evaluation report (run jobs/evaluate.py before exporting to include one)."]
     labels = list(report["results"])
     mine = [lb for lb in labels
-            if absolute_uri(str(report.get("models", {}).get(lb, {}).get("path", ""))) == source_uri]
+            if storage.absolute_uri(str(report.get("models", {}).get(lb, {}).get("path", ""))) == source_uri]
     header = [f"**{lb}** (this model)" if lb in mine else lb for lb in labels]
     lines = ["Percent, headline numbers of the run's `evaluate/report.json` (every dataset "
              "and the tie rule: `report.md` beside it).", "",

@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import tempfile
 
 from pipeline import storage
@@ -34,11 +33,6 @@ class StudentSource:
     uri: str                 # absolute local path or s3:// prefix
     family: str              # '' = detect from the folder
     trust_remote_code: bool
-
-
-def absolute_uri(uri: str) -> str:
-    """``uri`` with a local path made absolute (Ray workers may run in another folder)."""
-    return uri.rstrip("/") if storage.is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
 
 
 def tiny_family(model: ModelConfig) -> str | None:
@@ -84,14 +78,14 @@ def student_folder(model: ModelConfig, run_root: str) -> StudentSource:
     family = tiny_family(model)
     if family is None:
         check_model_exists(model)
-        return StudentSource(absolute_uri(model.path), model.family, model.trust_remote_code)
+        return StudentSource(storage.absolute_uri(model.path), model.family, model.trust_remote_code)
     from pipeline.models import META_FILE
 
     uri = tiny_dir(run_root, family)
     if not storage.exists(storage.join(uri, META_FILE)):
         raise FileNotFoundError(f"the tiny student (model.path={model.path}) is built by "
                                 f"stage1 at {uri}; run jobs/stage1.py first")
-    return StudentSource(absolute_uri(uri), family, model.trust_remote_code)
+    return StudentSource(storage.absolute_uri(uri), family, model.trust_remote_code)
 
 
 def build_student(model: ModelConfig, run_root: str, *, seed: int,
@@ -101,7 +95,7 @@ def build_student(model: ModelConfig, run_root: str, *, seed: int,
     family = tiny_family(model)
     if family is None:
         check_model_exists(model)
-        return StudentSource(absolute_uri(model.path), model.family, model.trust_remote_code)
+        return StudentSource(storage.absolute_uri(model.path), model.family, model.trust_remote_code)
     from pipeline.models import META_FILE, build_tiny_model
 
     uri = tiny_dir(run_root, family)
@@ -118,4 +112,4 @@ def build_student(model: ModelConfig, run_root: str, *, seed: int,
                 json.dump(source, f, sort_keys=True)
             storage.upload_folder(tmp, uri, last=META_FILE)
         logger.info("tiny %s student built at %s", family, uri)
-    return StudentSource(absolute_uri(uri), family, model.trust_remote_code)
+    return StudentSource(storage.absolute_uri(uri), family, model.trust_remote_code)

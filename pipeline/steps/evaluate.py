@@ -115,10 +115,9 @@ def run(config: Config, models: dict[str, str] | None = None,
     from pipeline.eval.report import build_report, write_report
     from pipeline.eval.scoring import parse_extra_metatasks, score_set, split_scorable
     from pipeline.eval.sets import Items, read_sets
-    from pipeline.models.student import absolute_uri
-
+    
     start = time.perf_counter()
-    folder = absolute_uri(folder or config.step_dir(NAME))
+    folder = storage.absolute_uri(folder or config.step_dir(NAME))
     owner = owner_of(config, models)
     if (done := base.finished(config, NAME, folder, owner)) is not None:
         return done

@@ -24,7 +24,6 @@ from typing import Any
 
 from pipeline import outputs, provenance, storage
 from pipeline.config import Config, ConfigError
-from pipeline.models.student import absolute_uri
 from pipeline.steps import base
 
 logger = logging.getLogger(__name__)
@@ -52,8 +51,8 @@ def check(config: Config) -> None:
 def check_sources(config: Config) -> None:
     """A folder ``export.source`` exists."""
     value = config.export.source.strip()
-    if value not in STAGES and not storage.exists(absolute_uri(value)):
-        raise FileNotFoundError(f"export.source={value}: no model folder at {absolute_uri(value)}")
+    if value not in STAGES and not storage.exists(storage.absolute_uri(value)):
+        raise FileNotFoundError(f"export.source={value}: no model folder at {storage.absolute_uri(value)}")
 
 
 def resolve_source(config: Config) -> Any:
@@ -64,7 +63,7 @@ def resolve_source(config: Config) -> Any:
     value = config.export.source.strip()
     if value in STAGES:
         manifest = base.input_manifest(config, NAME, value)
-        stage_folder = absolute_uri(base.input_dir(config, NAME, value))
+        stage_folder = storage.absolute_uri(base.input_dir(config, NAME, value))
         uri = storage.join(stage_folder, MODEL_DIR)
         if not storage.exists(storage.join(uri, META_FILE)):
             raise FileNotFoundError(f"export.source={value}: {uri} holds no model "
@@ -73,7 +72,7 @@ def resolve_source(config: Config) -> Any:
     if not value:
         raise ConfigError("export.source is empty: use stage2, stage1 or a model folder")
     check_sources(config)
-    uri = absolute_uri(value)
+    uri = storage.absolute_uri(value)
     # A stage's model/ folder has its export_check.json beside it.
     parent = uri.rstrip("/").rsplit("/", 1)[0]
     check = check_file(uri) or (check_file(parent)
@@ -92,9 +91,9 @@ def resolve_destination(config: Config, source_uri: str) -> str:
     below ``<run_root>/export/`` (never over another step's outputs)."""
     from pipeline.models.export import MODEL_DIR
 
-    folder = absolute_uri(config.step_dir(NAME))
-    destination = absolute_uri(config.export.destination or storage.join(folder, MODEL_DIR))
-    run_root = absolute_uri(config.run_root)
+    folder = storage.absolute_uri(config.step_dir(NAME))
+    destination = storage.absolute_uri(config.export.destination or storage.join(folder, MODEL_DIR))
+    run_root = storage.absolute_uri(config.run_root)
     if _inside(source_uri, destination) or _inside(run_root, destination):
         raise ConfigError(f"export.destination={destination} holds the source model "
                           f"{source_uri} or the run folder, and the destination is replaced "
@@ -113,7 +112,7 @@ def stage_manifests(config: Config, source: Any) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     init = source.manifest.get("config", {}).get("stage2", {}).get("init", "stage1")
     if source.stage == "stage2" and init == "stage1":
-        stage1 = outputs.read_manifest(absolute_uri(config.step_dir("stage1")))
+        stage1 = outputs.read_manifest(storage.absolute_uri(config.step_dir("stage1")))
         if stage1 is not None:
             out["stage1"] = stage1
     out[source.stage] = source.manifest
@@ -122,7 +121,7 @@ def stage_manifests(config: Config, source: Any) -> dict[str, dict[str, Any]]:
 
 def read_report(config: Config) -> tuple[str, dict[str, Any] | None]:
     """(URI, content or None) of the run's evaluation report."""
-    uri = absolute_uri(storage.join(config.step_dir("evaluate"), EVAL_REPORT))
+    uri = storage.absolute_uri(storage.join(config.step_dir("evaluate"), EVAL_REPORT))
     return uri, (storage.read_json(uri) if storage.exists(uri) else None)
 
 
@@ -154,7 +153,7 @@ def run(config: Config) -> dict[str, Any]:
     from pipeline.models.export import CARD_FILE, export_and_check
 
     start = time.perf_counter()
-    folder = absolute_uri(config.step_dir(NAME))
+    folder = storage.absolute_uri(config.step_dir(NAME))
     owner = base.step_hash(config, NAME)
     source = resolve_source(config)
     destination = resolve_destination(config, source.uri)

@@ -83,7 +83,7 @@ def _init_folder(uri: str) -> str:
 
 def resolve_init(config: Config) -> Any:
     """The starting model of ``stage2.init`` (see the config help); errors name the key."""
-    from pipeline.models.student import StudentSource, absolute_uri, student_folder
+    from pipeline.models.student import StudentSource, student_folder
 
     init, model = config.stage2.init, config.model
     if init == "stage1":
@@ -93,7 +93,7 @@ def resolve_init(config: Config) -> Any:
         return student_folder(model, config.run_root)
     else:
         uri = _init_folder(init)
-    return StudentSource(absolute_uri(uri), model.family, model.trust_remote_code)
+    return StudentSource(storage.absolute_uri(uri), model.family, model.trust_remote_code)
 
 
 def training_dataset(folder: str, shards: list[str]) -> Any:

@@ -47,7 +47,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -635,7 +634,7 @@ def build_settings(config: Config, *, stage: str, folder: str, keys: tuple[str, 
         precision = resolve_precision(config.train.precision, use_gpu)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    return LoopSettings(stage=stage, stage_dir=absolute_uri(folder), train=config.train,
+    return LoopSettings(stage=stage, stage_dir=storage.absolute_uri(folder), train=config.train,
                         optim=optim, global_batch_rows=global_batch_rows, row_keys=keys,
                         precision=precision, use_gpu=use_gpu, log_level=config.log_level,
                         sample_unit=sample_unit, row_groups=row_groups, epochs=epochs,
@@ -675,8 +674,3 @@ def rows_used(num_rows: int, settings: LoopSettings, steps: int) -> int:
 def export_dtype(precision: str, model_dtype: str) -> str:
     """dtype of a stage's merged model: ``model.dtype``, or for auto the training precision's."""
     return EXPORT_DTYPES[precision] if model_dtype == "auto" else model_dtype
-
-
-def absolute_uri(uri: str) -> str:
-    """``uri`` with a local path made absolute (workers may run in another folder)."""
-    return uri if storage.is_s3(uri) else os.path.abspath(uri)
