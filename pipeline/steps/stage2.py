@@ -61,15 +61,13 @@ def check_sources(config: Config) -> None:
 def preflight(config: Config) -> None:
     """Once prepare_data is done: every dataset (per_dataset) or the whole table (mixed)
     holds at least one global batch of pairs (mining can only reject more)."""
-    from pipeline.train.stage2 import batch_groups
+    from pipeline.train.stage2 import check_batch_groups
 
     prepared = base.upstream_manifest(config, "prepare_data")
     if prepared is None or "pairs" not in prepared.get("tables", {}):
         return
-    counts = prepared.get("pairs_per_dataset") or {}
     check(config, prepared["tables"]["pairs"]["rows_out"])
-    if counts:
-        batch_groups(config, tuple(name for name, n in counts.items() for _ in range(n)))
+    check_batch_groups(config, prepared.get("pairs_per_dataset") or {})
 
 
 def _init_folder(uri: str) -> str:

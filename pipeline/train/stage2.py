@@ -315,20 +315,27 @@ def pair_keys(shards: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return keys, tuple(dataset_of[key] for key in keys)
 
 
-def batch_groups(config: Config, datasets: tuple[str, ...]) -> tuple[int, ...]:
-    """Per pair: its batch group (``stage2.batching``); () = one mixed group. A dataset
-    with fewer pairs than a global batch would never be trained on: an error names it."""
+def check_batch_groups(config: Config, pairs_per_dataset: dict[str, int]) -> None:
+    """With ``stage2.batching=per_dataset``, a dataset with fewer pairs than a global batch
+    would never be trained on: an error names it."""
     if config.stage2.batching == "mixed":
-        return ()
-    names = sorted(set(datasets))
-    counts = collections.Counter(datasets)
+        return
     size = config.stage2.global_batch_pairs
-    small = [f"{name} ({counts[name]})" for name in names if counts[name] < size]
+    small = [f"{name} ({count})" for name, count in sorted(pairs_per_dataset.items())
+             if count < size]
     if small:
         raise ConfigError(f"stage2.batching=per_dataset: {', '.join(small)} have fewer pairs "
                           f"than stage2.global_batch_pairs={size} and would never be trained "
                           "on; lower the batch or use stage2.batching=mixed")
-    index = {name: i for i, name in enumerate(names)}
+
+
+def batch_groups(config: Config, datasets: tuple[str, ...]) -> tuple[int, ...]:
+    """Per pair: its batch group (``stage2.batching``); () = one mixed group. Refuses a
+    dataset too small for one global batch (:func:`check_batch_groups`)."""
+    check_batch_groups(config, collections.Counter(datasets))
+    if config.stage2.batching == "mixed":
+        return ()
+    index = {name: i for i, name in enumerate(sorted(set(datasets)))}
     return tuple(index[name] for name in datasets)
 
 
