@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
@@ -88,14 +88,10 @@ def check_before_ray(config: Config, step: Any, *, inputs: bool = True) -> None:
     from pipeline.steps import base
 
     step.check(config)
-    _optional(step, "check_sources")(config)
+    base.hook(step, "check_sources")(config)
     if inputs:
         base.require_inputs(config, step)
-        _optional(step, "preflight")(config)
-
-
-def _optional(step: Any, hook: str) -> Callable[[Config], None]:
-    return getattr(step, hook, None) or (lambda config: None)
+        base.hook(step, "preflight")(config)
 
 
 def run_step(argv: list[str] | None, step: str | ModuleType | Any,
@@ -110,8 +106,7 @@ def run_step(argv: list[str] | None, step: str | ModuleType | Any,
     with exit_codes(config):
         check_before_ray(config, step)
         setup_logging(config)
-        base.replace_stale(config.step_dir(step.NAME), base.step_hash(config, step.NAME),
-                           base.identity(config, step.NAME))
+        base.replace_stale_step(config, step.NAME)
         if step.USES_RAY:
             from pipeline.ray_utils import init_ray
 

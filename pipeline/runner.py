@@ -63,7 +63,7 @@ def run_all(config: Config) -> dict[str, Any]:
         print(step.summarize(manifests[step.NAME], config.step_dir(step.NAME)))
         logger.info("run_all: %s done in %.1f s", step.NAME, time.perf_counter() - step_start)
         for later in steps[position + 1:]:
-            getattr(later, "preflight", lambda config: None)(config)
+            base.hook(later, "preflight")(config)
     if config.ablation:
         manifests["ablation"] = run_ablation(config)
     manifests["seconds"] = round(time.perf_counter() - start, 1)

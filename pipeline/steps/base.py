@@ -39,6 +39,7 @@ import hashlib
 import importlib
 import json
 import logging
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -110,7 +111,13 @@ def input_manifest(config: Config, step: str, parent: str, folder: str | None = 
     without a ``step_hash`` (written by hand, or by an earlier version) is taken with a
     warning: there is nothing to compare."""
     folder = folder or input_dir(config, step, parent)
-    manifest = outputs.read_manifest(folder)
+    return _fresh(config, step, parent, folder, outputs.read_manifest(folder))
+
+
+def _fresh(config: Config, step: str, parent: str, folder: str,
+           manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """``manifest`` (read from ``folder``) when it is there and this config's, else the
+    error that names the job to run."""
     if manifest is None:
         started = storage.exists(storage.join(folder, outputs.JOB_FILE))
         reason = getattr(get(step), "input_reason", None)
@@ -132,18 +139,24 @@ def input_manifest(config: Config, step: str, parent: str, folder: str | None = 
 
 
 def require_inputs(config: Config, step: str | ModuleType) -> dict[str, dict[str, Any]]:
-    """Every declared input's manifest; the first missing or stale one raises (one line,
-    naming the job to run). No Ray needed."""
+    """Every declared input's manifest (each read once); the first missing or stale one
+    raises (one line, naming the job to run). No Ray needed."""
     module = get(step) if isinstance(step, str) else step
-    parents = module.inputs(config)
-    missing = [parent for parent in parents
-               if outputs.read_manifest(config.step_dir(parent)) is None]
+    manifests = {parent: outputs.read_manifest(config.step_dir(parent))
+                 for parent in module.inputs(config)}
+    missing = [parent for parent, manifest in manifests.items() if manifest is None]
     if len(missing) > 1:
         jobs = " and ".join(f"jobs/{parent}.py" for parent in missing)
         raise MissingInputError(f"{module.NAME} needs the outputs of {', '.join(missing)} under "
                                 f"{config.run_root}, which have not run: run {jobs} first "
                                 "(or jobs/run_all.py)")
-    return {parent: input_manifest(config, module.NAME, parent) for parent in parents}
+    return {parent: _fresh(config, module.NAME, parent, config.step_dir(parent), manifest)
+            for parent, manifest in manifests.items()}
+
+
+def hook(step: Any, name: str) -> Callable[[Config], None]:
+    """A step's optional hook (``check_sources``, ``preflight``), or a no-op."""
+    return getattr(step, name, None) or (lambda config: None)
 
 
 def upstream_manifest(config: Config, name: str) -> dict[str, Any] | None:
