@@ -72,15 +72,10 @@ class ShardTask:
 # Sources
 
 
-def configured_sources(config: Config) -> Sources:
-    """The ``data.sources`` section as given (no demo world)."""
-    return Sources(**asdict(config.data.sources))
-
-
 def resolve_sources(config: Config) -> Sources:
     """The configured sources, or the demo world generated under ``<run_root>/sources``."""
     if not config.data.use_demo_world:
-        return configured_sources(config)
+        return Sources(**asdict(config.data.sources))
     root = storage.join(config.run_root, "sources", "demo_world")
     ensure_demo_world(root, config)
     return Sources(nli_csv=storage.join(root, "nli", "nli_for_simcse.csv"),

@@ -76,7 +76,8 @@ def item_vectors_schema(dim: int) -> pa.Schema:
 # Inside a Ray Data actor
 
 
-def load_images(task: EvalEmbedTask, options: PackOptions) -> tuple[list[Any], list[tuple[str, str]]]:
+def load_images(task: EvalEmbedTask,
+                options: PackOptions) -> tuple[list[Any], list[tuple[str, str]]]:
     """Per item: a PIL image or None, and ('', '') or (reason, detail)."""
     from pipeline.models import to_pil
 

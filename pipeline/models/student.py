@@ -78,7 +78,8 @@ def student_folder(model: ModelConfig, run_root: str) -> StudentSource:
     family = tiny_family(model)
     if family is None:
         check_model_exists(model)
-        return StudentSource(storage.absolute_uri(model.path), model.family, model.trust_remote_code)
+        return StudentSource(storage.absolute_uri(model.path), model.family,
+                             model.trust_remote_code)
     from pipeline.models import META_FILE
 
     uri = tiny_dir(run_root, family)
@@ -94,8 +95,7 @@ def build_student(model: ModelConfig, run_root: str, *, seed: int,
     built from other inputs (seed, tokenizer texts)."""
     family = tiny_family(model)
     if family is None:
-        check_model_exists(model)
-        return StudentSource(storage.absolute_uri(model.path), model.family, model.trust_remote_code)
+        return student_folder(model, run_root)
     from pipeline.models import META_FILE, build_tiny_model
 
     uri = tiny_dir(run_root, family)

@@ -50,12 +50,13 @@ def inputs(config: Config) -> tuple[str, ...]:
     """prepare_data (the MMEB-format tables) and the run's steps that eval.models names
     (``student`` with a tiny model.path: stage 1, which builds it)."""
     from pipeline.eval.models import parse_models
+    from pipeline.models.student import tiny_family
 
     try:
         values = set(parse_models(config.eval.models).values())
     except ValueError:
         values = set()  # check() names the problem
-    if "student" in values and config.model.path.startswith("tiny:"):
+    if "student" in values and tiny_family(config.model) is not None:
         values.add("stage1")
     needed = {"prepare_data"} if config.eval.mmeb else set()
     return tuple(name for name in base.ORDER if name in needed | values)

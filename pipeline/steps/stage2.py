@@ -32,8 +32,10 @@ SMALL_INPUT_BYTES = 256 * 2**20  # mined shards up to this size go through the d
 def inputs(config: Config) -> tuple[str, ...]:
     """The mined table, and stage 1 when it provides the starting model (``init=stage1``,
     or ``init=student`` with a tiny student, which stage 1 builds)."""
+    from pipeline.models.student import tiny_family
+
     init = config.stage2.init
-    tiny_student = init == "student" and config.model.path.startswith("tiny:")
+    tiny_student = init == "student" and tiny_family(config.model) is not None
     return ("stage1", "mine_negatives") if init == "stage1" or tiny_student else (
         "mine_negatives",)
 
