@@ -7,13 +7,15 @@ Usage: ``python jobs/<step>.py --config <yaml> [dotted.key=value ...]``;
 Exit status: 0 on success; 2 for a bad config (a key, a value, two values that do not go
 together, a setting a library refuses); 1 for a missing, stale or unreadable input (a source
 file, a model folder, an upstream step that has not run: the message names the job to run
-first). Both print one line on stderr, before Ray starts wherever it can be known then;
+first) and for GPUs that did not come within ``ray.resource_wait_s`` (the message names
+them). Both print one line on stderr, before Ray starts wherever it can be known then;
 ``log_level=DEBUG`` adds the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Iterator
@@ -51,16 +53,20 @@ def parse_config(argv: list[str] | None, description: str) -> Config:
 
 
 def setup_logging(config: Config) -> None:
-    """Log lines on stderr at ``log_level``; the resolved config is the first of them."""
+    """Log lines on stderr at ``log_level``; the first names the run and its folder (the
+    resolved config, a few hundred lines, only at DEBUG: every manifest keeps it)."""
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logger.info("resolved config:\n%s", describe(config))
+    logger.info("run %s -> %s (every value: log_level=DEBUG, --show-config, or the "
+                "manifests' config)", config.run_name, config.run_root)
+    logger.debug("resolved config:\n%s", describe(config))
 
 
 @contextmanager
 def exit_codes(config: Config | None) -> Iterator[None]:
     """Turn the errors a user can fix into one line on stderr and an exit status."""
     from pipeline.data.readers import SourceError
+    from pipeline.ray_utils import ResourceWaitError
 
     try:
         yield
@@ -68,7 +74,7 @@ def exit_codes(config: Config | None) -> Iterator[None]:
         _debug_traceback(config)
         print(f"config error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
-    except (FileNotFoundError, storage.StorageError, SourceError) as err:
+    except (FileNotFoundError, storage.StorageError, SourceError, ResourceWaitError) as err:
         _debug_traceback(config)
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from err
@@ -81,12 +87,29 @@ def _debug_traceback(config: Config | None) -> None:
         traceback.print_exc(file=sys.stderr)
 
 
+def check_job_output_root(config: Config) -> None:
+    """A job submitted to a cluster needs an ``output_root`` that outlives it: the default
+    ``./runs/<run>`` (and any relative path) would land in Ray's temporary copy of the
+    working dir on the head, deleted with it and invisible to the other nodes."""
+    root = config.output_root
+    if storage.is_s3(root) or os.path.isabs(root.removeprefix("file://")):
+        return
+    where = f"the relative path {root!r}" if root else "the default ./runs/<run>"
+    raise ConfigError(f"output_root: {where} would be written inside Ray's temporary copy of "
+                      "the job's working dir; set output_root=s3://BUCKET/runs/<name> (or an "
+                      "absolute path on a filesystem every node sees)")
+
+
 def check_before_ray(config: Config, step: Any, *, inputs: bool = True) -> None:
     """Everything a step can refuse before Ray starts: its config (``check``), its inputs
     that no step writes (``check_sources``), its upstream steps (complete and fresh; not for
-    run_all, which runs them) and the checks against their manifests (``preflight``)."""
+    run_all, which runs them) and the checks against their manifests (``preflight``); in a
+    submitted Ray job also an ``output_root`` that outlives the job."""
+    from pipeline.ray_utils import in_ray_job
     from pipeline.steps import base
 
+    if in_ray_job():
+        check_job_output_root(config)
     step.check(config)
     base.hook(step, "check_sources")(config)
     if inputs:

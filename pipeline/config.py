@@ -48,6 +48,19 @@ def _section(cls: type, *, help: str, hashed: bool = True, run_hash: bool = True
                  metadata={"help": help, "hashed": hashed, "run_hash": run_hash})
 
 
+def _use_gpu_knob(what: str) -> Any:
+    """``use_gpu`` of a pool of actors or training workers (``what``)."""
+    return _knob("auto", hashed=False, help=f"GPU {what}: true = request their GPUs and wait "
+                 "for the autoscaler to add them (ray.resource_wait_s), never a CPU fallback; "
+                 "auto = GPUs only if the cluster has some now; false = CPUs")
+
+
+def _gpus_knob(what: str) -> Any:
+    """GPUs per actor / worker of a pool that uses GPUs."""
+    return _knob(1.0, min=0.01, hashed=False, help=f"GPUs per {what} when use_gpu resolves "
+                 "to true (a fraction shares a GPU)")
+
+
 # ---------------------------------------------------------------------------------------
 # Sections
 
@@ -62,6 +75,10 @@ class RayConfig:
                           "instance (more than physical cores avoids actor-pool starvation)")
     object_store_memory_mb: int = _knob(768, hashed=False, min=128,
                                         help="object store size of a new local instance, MiB")
+    resource_wait_s: float = _knob(1800.0, hashed=False, min=0.0, help="how long a pool or "
+                                   "training run that needs GPUs (use_gpu=true) waits for the "
+                                   "autoscaler to add them before failing with the resource it "
+                                   "waited for")
     progress_bars: Literal["auto", True, False] = _knob(
         "auto", hashed=False, help="Ray Data progress bars; auto = only when stderr is a "
         "terminal (a job log or CI keeps its size: a demo run prints ~20 MB of bar updates)")
@@ -77,6 +94,10 @@ class StorageConfig:
     s3_region: str = _knob("", hashed=False, help="S3 region; '' = AWS_DEFAULT_REGION env")
     max_attempts: int = _knob(5, hashed=False, min=1, max=20,
                               help="attempts per storage call on transient errors")
+    shared_filesystem: bool = _knob(False, hashed=False, help="a local output_root is on a "
+                                    "filesystem every Ray node mounts (NFS, FSx, EFS); without "
+                                    "it a local output_root on a cluster of several nodes is "
+                                    "refused (the workers cannot see the driver's disk)")
 
 
 @dataclass(frozen=True)
@@ -138,10 +159,13 @@ class TeacherConfig:
     trust_remote_code: bool = _knob(False, help="run code shipped with the model folder "
                                     "(NV-Embed-v2 needs it); off unless set")
     batch_size: int = _knob(128, min=1, hashed=False, help="texts per forward pass")
-    num_actors: int = _knob(0, min=0, hashed=False, help="teacher actors; 0 = one per GPU, "
-                            "or (cluster CPUs - 1) / cpus_per_actor without GPUs")
+    num_actors: int = _knob(0, min=0, hashed=False, help="teacher actors; 0 = one per GPU "
+                            "the cluster has (at least one), or (cluster CPUs - 1) / "
+                            "cpus_per_actor without GPUs")
     cpus_per_actor: float = _knob(1.0, min=0.1, hashed=False,
                                   help="CPUs (and torch threads) per teacher actor")
+    use_gpu: Literal["auto", True, False] = _use_gpu_knob("actors")
+    gpus_per_actor: float = _gpus_knob("actor")
 
 
 @dataclass(frozen=True)
@@ -180,10 +204,14 @@ class MiningConfig:
     block_size: int = _knob(65536, min=1, hashed=False, help="candidates per search block")
     query_block_size: int = _knob(4096, min=1, hashed=False, help="queries per search block")
     embed_batch_size: int = _knob(32, min=1, hashed=False, help="rows per miner forward")
-    num_actors: int = _knob(0, min=0, hashed=False, help="miner actors; 0 = one per GPU, "
-                            "or (cluster CPUs - 1) / cpus_per_actor")
+    num_actors: int = _knob(0, min=0, hashed=False, help="miner actors; 0 = one per GPU "
+                            "the cluster has (at least one), or (cluster CPUs - 1) / "
+                            "cpus_per_actor")
     cpus_per_actor: float = _knob(1.0, min=0.1, hashed=False, help="CPUs per miner actor "
                                   "and per search task")
+    use_gpu: Literal["auto", True, False] = _use_gpu_knob("miner actors and search tasks "
+                                                          "(with a GPU backend)")
+    gpus_per_actor: float = _gpus_knob("actor")
     seed: int = _knob(0, help="seed of selection=range sampling")
 
 
@@ -212,8 +240,11 @@ class TrainConfig:
                              "ranks). Each takes an equal slice of every global batch and the "
                              "loss is computed on the gathered global batch, so the math does "
                              "not depend on it (not hashed); resume with the same number")
-    use_gpu: Literal["auto", True, False] = _knob(
-        "auto", hashed=False, help="one GPU per worker; auto = when the Ray cluster has GPUs")
+    use_gpu: Literal["auto", True, False] = _use_gpu_knob("workers")
+    gpus_per_worker: float = _gpus_knob("worker")
+    accelerator_type: str = _knob("", hashed=False, help="keep a training run on one GPU "
+                                  "kind, e.g. A100 or H100 (Ray's accelerator_type:<kind> "
+                                  "node resource); '' = any GPU")
     cpus_per_worker: float = _knob(1.0, min=0.1, hashed=False, help="CPUs reserved per "
                                    "worker (also its torch threads on CPU)")
     zero_stage: int = _knob(2, min=0, max=3, help="DeepSpeed ZeRO stage: 2 partitions "
@@ -391,10 +422,13 @@ class EvalConfig:
     batch_size: int = _knob(16, min=1, hashed=False, help="rows per Embedder forward")
     items_per_task: int = _knob(1024, min=1, hashed=False, help="distinct items per Ray Data "
                                 "task (one embedding shard each)")
-    num_actors: int = _knob(0, min=0, hashed=False, help="Embedder actors; 0 = one per GPU, "
-                            "or (cluster CPUs - 1) / cpus_per_actor")
+    num_actors: int = _knob(0, min=0, hashed=False, help="Embedder actors; 0 = one per GPU "
+                            "the cluster has (at least one), or (cluster CPUs - 1) / "
+                            "cpus_per_actor")
     cpus_per_actor: float = _knob(1.0, min=0.1, hashed=False, help="CPUs (and torch threads) "
                                   "per Embedder actor")
+    use_gpu: Literal["auto", True, False] = _use_gpu_knob("actors")
+    gpus_per_actor: float = _gpus_knob("actor")
 
 
 @dataclass(frozen=True)
@@ -451,6 +485,21 @@ class Config:
 # Loading and validation
 
 
+def read_yaml_mapping(path: str, what: str) -> dict[str, Any]:
+    """The mapping a YAML file holds (empty file: {}); ConfigError names ``what`` and the
+    path when it is missing, not YAML or not a mapping at the top level."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError as err:
+        raise ConfigError(f"{what} not found: {path}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping at the top level")
+    return raw
+
+
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()
                 ) -> Config:
     """Config from a YAML file (or the defaults when ``path`` is None) plus overrides.
@@ -461,17 +510,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     warning. Every value is checked alone (type, bounds, allowed values) and then against
     the others (:func:`validate`); the first problem raises :class:`ConfigError`.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f) or {}
-        except FileNotFoundError as err:
-            raise ConfigError(f"config file not found: {path}") from err
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    raw = read_yaml_mapping(path, "config file") if path is not None else {}
     for item in overrides:
         _apply_override(raw, item)
     _move_renamed_keys(raw)
@@ -645,6 +684,9 @@ def _cross_field_problems(config: Config) -> typing.Iterator[str]:
             yield f"{key}={size} is not a multiple of train.num_workers={train.num_workers}"
     if train.grad_cache_chunk_size and train.grad_cache_reduce_once and train.zero_stage == 0:
         yield "train.grad_cache_reduce_once needs train.zero_stage >= 1"
+    if train.accelerator_type and train.use_gpu is False:
+        yield (f"train.accelerator_type={train.accelerator_type} asks for a GPU kind but "
+               "train.use_gpu=false")
     if train.precision in ("bf16", "fp16") and train.use_gpu is False:
         yield (f"train.precision={train.precision} needs GPUs but train.use_gpu=false; use "
                "fp32 (or auto)")

@@ -62,9 +62,11 @@ def s3_bucket(s3_endpoint: str) -> str:
 
 
 # -- Ray on loopback -----------------------------------------------------------------------------
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local(s3_endpoint: str) -> Iterator[None]:
-    """One local Ray instance for the session, started the way jobs start it.
+    """A local Ray instance, started the way jobs start it, shared by the tests that run one
+    after the other (module scope, so module fixtures can use it; started again after a
+    test that needed Ray to itself: see ``no_local_ray``).
 
     It depends on ``s3_endpoint`` so that workers inherit the S3 test endpoint.
     """
@@ -74,13 +76,23 @@ def ray_local(s3_endpoint: str) -> Iterator[None]:
     from pipeline.config import load_config
     from pipeline.ray_utils import init_ray
 
-    storage.configure()
-    init_ray(load_config(None, ["ray.num_cpus=4", "ray.object_store_memory_mb=512",
-                                "ray.progress_bars=false"]))
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    if not ray.is_initialized():
+        storage.configure()
+        init_ray(load_config(None, ["ray.num_cpus=4", "ray.object_store_memory_mb=512",
+                                    "ray.progress_bars=false"]))
+    yield
+
+
+@pytest.fixture
+def no_local_ray() -> Iterator[None]:
+    """For tests that start Ray their own way (a head with the Jobs API, several nodes): the
+    shared local instance is shut down first (two instances on two cores starve each other);
+    the next test that needs it starts it again."""
+    import ray
+
+    ray.shutdown()
+    yield
+    ray.shutdown()
 
 
 # -- storage folders -----------------------------------------------------------------------------

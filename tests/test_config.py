@@ -95,7 +95,8 @@ def test_every_config_field_is_read_in_pipeline():
 
     A field counts as read when pipeline code reads ``<section>.<field>`` (or
     ``config.<field>`` / ``self.<field>`` at the top level), or hands its whole section
-    over with ``asdict(...<section>)`` to code that takes ``<field>`` by name.
+    over with ``asdict(...<section>)`` to code that takes ``<field>`` by name, or hands it to
+    an actor-pool helper as ``(config.<section>, "<section>"`` that reads ``pool.<field>``.
     """
     files = {p: p.read_text() for p in (REPO / "pipeline").rglob("*.py")}
     sources = "\n".join(files.values())
@@ -110,7 +111,9 @@ def test_every_config_field_is_read_in_pipeline():
             section = sections[-1]
             read = re.search(rf"\b{section}\.{leaf}\b", sources) or (
                 re.search(rf"asdict\((\w+\.)*{section}\)", sources)
-                and re.search(rf"\b{leaf}\b\s*[:=]", callees))
+                and re.search(rf"\b{leaf}\b\s*[:=]", callees)) or (
+                re.search(rf"\(config\.{section}, \"{section}\"", sources)
+                and re.search(rf"\bpool\.{leaf}\b", callees))
         if not read:
             unread.append(key)
     assert not unread, f"config fields never read in pipeline/: {unread}"

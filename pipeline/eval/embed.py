@@ -232,7 +232,7 @@ def embed_items(config: Config, models: dict[str, ModelRef], items: list[Item],
 
     tasks, skipped = plan_tasks(models, items, image_rows, folder, owner_hash,
                                 config.eval.items_per_task)
-    actors, cpus, gpus = actor_pool_resources(config.eval.num_actors, config.eval.cpus_per_actor)
+    actors, cpus, gpus = actor_pool_resources(config.eval, "eval", config.ray.resource_wait_s)
     pool = max(1, min(actors, len(tasks)))
     logger.info("evaluate: embedding %d distinct items x %d model(s): %d tasks (%d done "
                 "already) on %d actor(s)", len(items), len(models), len(tasks), skipped, pool)
@@ -242,7 +242,8 @@ def embed_items(config: Config, models: dict[str, ModelRef], items: list[Item],
                                   "trust_remote_code": config.model.trust_remote_code,
                                   "batch_size": config.eval.batch_size,
                                   "options": pack_options(config), "folder": folder,
-                                  "owner_hash": owner_hash, "torch_threads": int(cpus)})
+                                  "owner_hash": owner_hash, "torch_threads": int(cpus)},
+                              actors_start_s=config.ray.resource_wait_s)
     errors = sum(int(r["errors"]) for r in results)
     if errors:
         logger.warning("evaluate: %d item(s) could not be embedded (rows needing them are "

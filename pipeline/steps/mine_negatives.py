@@ -197,7 +197,7 @@ def run(config: Config) -> dict[str, Any]:
     """Mine every shard not done yet (or reuse the finished step); returns the manifest."""
     import ray
 
-    from pipeline.ray_utils import actor_pool_resources, run_shard_tasks
+    from pipeline.ray_utils import actor_pool_resources, node_counts, run_shard_tasks
 
     start = time.perf_counter()
     folder = config.step_dir(NAME)
@@ -222,16 +222,17 @@ def run(config: Config) -> dict[str, Any]:
     firsts = mined.first_target_rows(shards)
     embed_tasks = [MinerEmbedTask(i, uri, firsts[i]) for i, uri in enumerate(shards)
                    if i not in done_shards]
-    actors, cpus, gpus = actor_pool_resources(config.mining.num_actors,
-                                              config.mining.cpus_per_actor)
+    actors, cpus, gpus = actor_pool_resources(config.mining, "mining",
+                                              config.ray.resource_wait_s)
     logger.info("mine_negatives: embedding %d shards (%d done) with %d actor(s) of %s",
                 len(embed_tasks), len(done_shards), min(actors, len(embed_tasks) or 1), path)
-    run_shard_tasks(embed_tasks, MinerShardWorker, num_cpus=cpus, num_gpus=gpus,
-                    pool_size=min(actors, len(embed_tasks) or 1), worker_kwargs={
-                        "path": path, "trust_remote_code": config.mining.miner_trust_remote_code,
-                        "prompt_mode": config.mining.prompt_mode,
-                        "batch_size": config.mining.embed_batch_size, "folder": folder,
-                        "owner": owner, "torch_threads": int(cpus)})
+    embedded_on = run_shard_tasks(
+        embed_tasks, MinerShardWorker, num_cpus=cpus, num_gpus=gpus,
+        pool_size=min(actors, len(embed_tasks) or 1), worker_kwargs={
+            "path": path, "trust_remote_code": config.mining.miner_trust_remote_code,
+            "prompt_mode": config.mining.prompt_mode, "batch_size": config.mining.embed_batch_size,
+            "folder": folder, "owner": owner, "torch_threads": int(cpus)},
+        actors_start_s=config.ray.resource_wait_s)
     targets = mined.load_targets(embed_folder, config.mining.scope)
     logger.info("mine_negatives: %d distinct targets, dim %d", *targets.emb.shape)
     targets_ref = ray.put(targets)
@@ -253,6 +254,7 @@ def run(config: Config) -> dict[str, Any]:
         seconds=time.perf_counter() - start, config_hash=config.config_hash,
         extra={"table": "mined", "miner": path, "targets": int(targets.emb.shape[0]),
                "shards_skipped": len(done_shards), "per_dataset": mined.per_dataset(stats),
+               "nodes": {"embed": node_counts(embedded_on), "search": node_counts(results)},
                "totals": mined.totals(stats), "ivf_recall": recall,
                "inputs": {"pairs": provenance.fingerprint(input_folder)},
                "identity": base.identity(config, NAME), "config": config.to_dict()})

@@ -98,7 +98,7 @@ def nan_reject(row: dict[str, Any], task: TeacherTask, position: int,
 def run(config: Config) -> dict[str, Any]:
     """Embed every shard not done yet (or reuse the finished step); returns the manifest."""
     from pipeline.models.teacher import teacher_kwargs
-    from pipeline.ray_utils import actor_pool_resources, run_shard_tasks
+    from pipeline.ray_utils import actor_pool_resources, node_counts, run_shard_tasks
 
     start = time.perf_counter()
     folder = config.step_dir(NAME)
@@ -108,8 +108,8 @@ def run(config: Config) -> dict[str, Any]:
     input_folder = storage.join(base.input_dir(config, NAME, "prepare_data"), INPUT_TABLE)
     base.input_manifest(config, NAME, "prepare_data", input_folder)
     inputs_manifest, shards = outputs.complete_input(input_folder)
-    actors, cpus, gpus = actor_pool_resources(config.teacher.num_actors,
-                                              config.teacher.cpus_per_actor)
+    actors, cpus, gpus = actor_pool_resources(config.teacher, "teacher",
+                                              config.ray.resource_wait_s)
     kwargs = {"teacher": teacher_kwargs(config.teacher), "batch_size": config.teacher.batch_size,
               "folder": folder, "owner": owner, "torch_threads": int(cpus)}
     # The output schema needs the teacher's dimension: the first actor call tells it, so
@@ -122,7 +122,8 @@ def run(config: Config) -> dict[str, Any]:
     logger.info("teacher_embed: %d shards (%d done already) with %d actor(s), %.1f CPU / "
                 "%.0f GPU each -> %s", len(shards), len(done_shards), pool, cpus, gpus, folder)
     results = run_shard_tasks(tasks, TeacherShardWorker, num_cpus=cpus, num_gpus=gpus,
-                              pool_size=pool, worker_kwargs=kwargs)
+                              pool_size=pool, worker_kwargs=kwargs,
+                              actors_start_s=config.ray.resource_wait_s)
     logger.info("teacher_embed: %d shards embedded in this run", len(results))
     dim = _dim_of(folder)
     output = outputs.ShardedOutput(folder, owner, teacher_schema(dim))
@@ -137,6 +138,7 @@ def run(config: Config) -> dict[str, Any]:
         extra={"table": "teacher", "dim": dim, "teacher": teacher_kwargs(config.teacher),
                "texts_embedded": stats["texts"], "tokens_embedded": stats["tokens"],
                "texts_truncated": stats["truncated"], "shards_skipped": len(done_shards),
+               "nodes": node_counts(results),
                "inputs": {"text_groups": provenance.fingerprint(input_folder)},
                "identity": base.identity(config, NAME), "config": config.to_dict()})
 

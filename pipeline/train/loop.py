@@ -86,6 +86,7 @@ class LoopSettings:
     precision: str                # resolved: fp32 | bf16 | fp16
     use_gpu: bool
     log_level: str = "INFO"
+    progress_bars: bool = False   # Ray Data bars in the workers (the driver's resolved setting)
     sample_unit: str = "samples"  # what samples/s counts, e.g. "texts"
     row_groups: tuple[int, ...] = ()  # per row key: its group (e.g. dataset); () = one group
     epochs: int = 1               # passes over the rows when scheduled_steps is 0
@@ -126,6 +127,7 @@ class WorkerContext:
     device: torch.device
     hf_deepspeed_config: Any = None  # kept alive while a ZeRO-3 model is built
     step: int = 0                    # optimizer steps done (the step being made is step + 1)
+    node_id: str = ""                # the Ray node this worker runs on
 
     @property
     def is_rank_zero(self) -> bool:
@@ -456,21 +458,38 @@ def all_gather_ints(value: int, ctx: WorkerContext) -> list[int]:
     return [int(s.item()) for s in shards]
 
 
+def all_gather_strings(value: str) -> list[str]:
+    """Every rank's ``value``, in rank order (e.g. the Ray node each worker ran on)."""
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return [str(v) for v in gathered]
+
+
 # -- the worker loop -----------------------------------------------------------------------------
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point on every worker: ``{"spec": StageSpec}``."""
+    import ray
+    import ray.data
     import ray.train
     import ray.train.torch
 
     spec: StageSpec = loop_config["spec"]
     settings = spec.settings
     _setup_worker_logging(settings.log_level)
+    # The worker streams its dataset itself: without this, a job log gets a bar line (with
+    # cursor escapes) per update from every worker.
+    ray.data.DataContext.get_current().enable_progress_bars = settings.progress_bars
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        logger.warning("%s: Ray gave this worker GPU(s) %s but torch sees no CUDA device: "
+                       "it trains on the CPU", settings.stage, ray.get_gpu_ids())
+        device = torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(settings.train.cpus_per_worker)))
     ctx = WorkerContext(settings=settings, rank=context.get_world_rank(),
-                        world_size=context.get_world_size(), device=device)
+                        world_size=context.get_world_size(), device=device,
+                        node_id=ray.get_runtime_context().get_node_id())
     run_worker(ctx, spec, ray.train.get_dataset_shard(TRAIN_DATASET),
                ray.train.get_checkpoint(), ray.train.report)
 
@@ -528,10 +547,12 @@ def run_worker(ctx: WorkerContext, spec: StageSpec, shard: Any, checkpoint: Any,
                 ckpt.save_checkpoint(engine, state, rank=ctx.rank, report=report, metrics=row)
     frozen_checked = ckpt.verify_frozen(engine.module, frozen)
     export = spec.export(ctx, engine)
+    worker_nodes = all_gather_strings(ctx.node_id)
     if metrics is not None:
         metrics.close()
         _write_summary(ctx, state, metrics.rows, frozen_checked,
-                       {"resumed_from_step": resumed_from, **export})
+                       {"resumed_from_step": resumed_from, "worker_nodes": worker_nodes,
+                        **export})
 
 
 def _write_summary(ctx: WorkerContext, state: ckpt.TrainState, rows: list[dict[str, Any]],
@@ -573,17 +594,17 @@ def resolve_precision(precision: str, use_gpu: bool) -> str:
     return precision
 
 
-def resolve_use_gpu(train: TrainConfig) -> bool:
-    """``train.use_gpu``, with ``auto`` = the Ray cluster has GPUs."""
-    import ray
+def resolve_use_gpu(train: TrainConfig, resource_wait_s: float) -> bool:
+    """``train.use_gpu`` (auto = the Ray cluster has GPUs now). With GPUs, waits until the
+    cluster has ``num_workers x gpus_per_worker`` of them (of ``train.accelerator_type``),
+    asking the autoscaler, so the run never starts on a cluster that cannot hold it."""
+    from pipeline.ray_utils import uses_gpu, wait_for_gpus
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if train.use_gpu == "auto":
-        return gpus > 0
-    if train.use_gpu and not gpus:
-        logger.warning("train.use_gpu=true but the Ray cluster has no GPU now: the workers "
-                       "wait for an autoscaler to add GPU nodes")
-    return bool(train.use_gpu)
+    if not uses_gpu(train.use_gpu, "train.use_gpu"):
+        return False
+    wait_for_gpus(train.num_workers, train.gpus_per_worker, key="train.use_gpu",
+                  timeout_s=resource_wait_s, accelerator_type=train.accelerator_type)
+    return True
 
 
 def fit(spec: StageSpec, dataset: Any, run_name: str) -> Any:
@@ -610,7 +631,8 @@ def fit(spec: StageSpec, dataset: Any, run_name: str) -> Any:
         failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.checkpoints_to_keep))
     scaling = ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=settings.use_gpu,
-                                      resources_per_worker={"CPU": train.cpus_per_worker})
+                                      resources_per_worker=worker_resources(settings),
+                                      accelerator_type=train.accelerator_type or None)
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config={"spec": spec},
                            scaling_config=scaling, run_config=run_config,
                            datasets={TRAIN_DATASET: dataset},
@@ -622,14 +644,23 @@ def fit(spec: StageSpec, dataset: Any, run_name: str) -> Any:
     return result
 
 
+def worker_resources(settings: LoopSettings) -> dict[str, float]:
+    """Ray resources of one training worker: its CPUs, and its GPUs when it uses them."""
+    train = settings.train
+    if settings.use_gpu:
+        return {"CPU": train.cpus_per_worker, "GPU": train.gpus_per_worker}
+    return {"CPU": train.cpus_per_worker}
+
+
 def build_settings(config: Config, *, stage: str, folder: str, keys: tuple[str, ...],
                    optim: OptimConfig, global_batch_rows: int, sample_unit: str,
                    epochs: int = 1, max_steps: int = 0, scheduled_steps: int = 0,
                    row_groups: tuple[int, ...] = ()) -> LoopSettings:
     """A stage's loop settings (resolves GPU use and precision; errors name the key)."""
     from pipeline.config import ConfigError
+    from pipeline.ray_utils import progress_bars
 
-    use_gpu = resolve_use_gpu(config.train)
+    use_gpu = resolve_use_gpu(config.train, config.ray.resource_wait_s)
     try:
         precision = resolve_precision(config.train.precision, use_gpu)
     except ValueError as err:
@@ -637,6 +668,7 @@ def build_settings(config: Config, *, stage: str, folder: str, keys: tuple[str, 
     return LoopSettings(stage=stage, stage_dir=storage.absolute_uri(folder), train=config.train,
                         optim=optim, global_batch_rows=global_batch_rows, row_keys=keys,
                         precision=precision, use_gpu=use_gpu, log_level=config.log_level,
+                        progress_bars=progress_bars(config.ray.progress_bars),
                         sample_unit=sample_unit, row_groups=row_groups, epochs=epochs,
                         max_steps=max_steps, scheduled_steps=scheduled_steps)
 
