@@ -549,7 +549,8 @@ def test_mining_modules_import_without_cycles():
 
 def test_package_exports_the_public_names():
     assert set(pipeline.mining.__all__) == {
-        "COUNT_KEYS", "FAISS_GPU_MAX_K", "NegativeSelection", "SearchResult", "build_ivf_index",
-        "estimate_recall", "faiss_gpu_available", "measure_recall", "resolve_backend",
-        "search_topk", "search_within_groups", "select_negatives", "summarize_counts"}
+        "COUNT_KEYS", "FAISS_GPU_MAX_K", "MinedNegatives", "NegativeSelection", "SearchResult",
+        "build_ivf_index", "estimate_recall", "faiss_gpu_available", "measure_recall",
+        "mine_within_groups", "resolve_backend", "search_topk", "search_within_groups",
+        "select_negatives", "summarize_counts"}
     assert all(hasattr(pipeline.mining, name) for name in pipeline.mining.__all__)

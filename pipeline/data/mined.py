@@ -119,9 +119,10 @@ def mined_row(pair: dict[str, Any], selection: Any, j: int, pos_score: float,
     return row
 
 
-def shard_stats(*, datasets: list[str], selection: Any, pos_scores: np.ndarray
-                 ) -> dict[str, Any]:
-    """Per-dataset sums of the filter counts and score histograms (to merge across shards)."""
+def shard_stats(*, datasets: list[str], selection: Any, pos_scores: np.ndarray,
+                searched_again: np.ndarray) -> dict[str, Any]:
+    """Per-dataset sums of the filter counts, of the queries searched again deeper (their
+    first candidates were all filtered out) and score histograms (to merge across shards)."""
     stats: dict[str, Any] = {}
     names = np.asarray(datasets, dtype=object)
     for dataset in sorted(set(datasets)):
@@ -131,6 +132,7 @@ def shard_stats(*, datasets: list[str], selection: Any, pos_scores: np.ndarray
         stats[dataset] = {
             **{k: int(np.sum(v)) for k, v in counts.items()},
             "queries": int(rows.sum()),
+            "searched_again": int(searched_again[rows].sum()),
             "pos_hist": np.histogram(pos_scores[rows], HISTOGRAM_BINS)[0].tolist(),
             "neg_hist": np.histogram(neg[np.isfinite(neg)], HISTOGRAM_BINS)[0].tolist(),
         }

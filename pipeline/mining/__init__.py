@@ -8,13 +8,17 @@ Arrays in, arrays out (no Ray, files or configs):
 - ``select_negatives``: the false-negative filter (self, duplicate content, UniME margin,
   positive-aware ratio, max score) and top / rank-range selection, with per-query counts
   (``filters.py``; margin and ratio are the rule of :mod:`pipeline.losses`).
+- ``mine_within_groups`` (``exact.py``): search + filter, and search deeper where the filters
+  left a row short, so the negatives equal an exhaustive search's after the same filters.
 
 Imports within the package run one way only: ``recall -> search -> ivf -> common`` and
-``search -> common``; tests/test_mining_core.py checks that there is no cycle.
+``search -> common``, ``exact -> search, filters``; tests/test_mining_core.py checks that
+there is no cycle.
 """
 from __future__ import annotations
 
 from pipeline.mining.common import FAISS_GPU_MAX_K
+from pipeline.mining.exact import MinedNegatives, mine_within_groups
 from pipeline.mining.filters import (
     COUNT_KEYS,
     NegativeSelection,
@@ -34,12 +38,14 @@ from pipeline.mining.search import (
 __all__ = [
     "COUNT_KEYS",
     "FAISS_GPU_MAX_K",
+    "MinedNegatives",
     "NegativeSelection",
     "SearchResult",
     "build_ivf_index",
     "estimate_recall",
     "faiss_gpu_available",
     "measure_recall",
+    "mine_within_groups",
     "resolve_backend",
     "search_topk",
     "search_within_groups",

@@ -77,6 +77,7 @@ def select_negatives(
     range_min: int = 0,
     range_max: int | None = None,
     seed: int = 0,
+    log_summary: bool = True,
 ) -> NegativeSelection:
     """Hard negatives per query after false-negative filtering (see module docstring).
 
@@ -95,6 +96,8 @@ def select_negatives(
         selection: "top" or "range" (uniform sample from the survivor rank window).
         range_min, range_max: survivor rank window ``[range_min, range_max)``; None = all.
         seed: RNG seed of "range" selection.
+        log_summary: log the filter totals (and a WARNING for short rows); off for callers
+            that search short rows again and log the final result themselves.
 
     Returns:
         NegativeSelection(neg_ids (Q, num_negatives), neg_scores (Q, num_negatives), counts).
@@ -120,7 +123,8 @@ def select_negatives(
     neg_ids, neg_scores = _compact(chosen, cand_ids, cand_scores, num_negatives)
     counts["n_selected"] = chosen.sum(axis=1)
     counts["short"] = counts["n_selected"] < num_negatives
-    _log_summary(counts, num_negatives)
+    if log_summary:
+        _log_summary(counts, num_negatives)
     return NegativeSelection(neg_ids, neg_scores, counts)
 
 

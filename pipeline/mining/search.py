@@ -136,12 +136,14 @@ def search_within_groups(
     columns: a group with fewer than ``k`` candidates (or none) is padded with id -1 and
     score -inf, logged at WARNING and listed in ``stats["groups_short"]``.
     ``search_kwargs`` are those of ``search_topk`` (with ``build="ivf"``, ``nlist`` applies
-    to every group and must not exceed the smallest searched group).
+    to every group and must not exceed the smallest searched group), plus
+    ``warn_short_groups`` (default True: the WARNING above).
     """
     queries, candidates = _as_float32_pair(queries, candidates)
     q_groups = _as_group_labels(q_groups, queries.shape[0], "q_groups")
     c_groups = _as_group_labels(c_groups, candidates.shape[0], "c_groups")
     backend = search_kwargs.pop("backend", "auto")
+    warn_short_groups = search_kwargs.pop("warn_short_groups", True)
     _validate_common(k, search_kwargs.get("block_size", 1), search_kwargs.get("query_block_size", 1),
                      search_kwargs.get("rescore_factor", 1), search_kwargs.get("build", "flat"),
                      search_kwargs.get("dtype", "float32"), backend)
@@ -164,7 +166,7 @@ def search_within_groups(
         ids[q_rows, :k_group] = np.where(found, c_rows[np.maximum(res.ids, 0)], -1)
         scores[q_rows, :k_group] = res.scores
     short = [g for g, s in per_group.items() if s["k"] < k]
-    if short:
+    if short and warn_short_groups:
         logger.warning("%d of %d groups have fewer than k=%d candidates (padded with -1): %s",
                        len(short), len(per_group), k, short[:20])
     stats = {"backend": resolved, "backend_requested": backend, "k_requested": k,

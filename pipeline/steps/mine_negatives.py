@@ -142,7 +142,7 @@ def search_shard(task: SearchTask) -> dict[str, Any]:
     """Mine shard ``task.index``: its queries against the targets; write mined rows."""
     import ray
 
-    from pipeline.mining import search_within_groups, select_negatives
+    from pipeline.mining import mine_within_groups
 
     start = time.perf_counter()
     targets: mined.TargetIndex = ray.get(task.targets)
@@ -166,30 +166,33 @@ def search_shard(task: SearchTask) -> dict[str, Any]:
     q_rows, q_emb, pos_ids = q_rows[ok], q_emb[ok], pos_ids[ok]
     q_groups = np.asarray([pairs[r]["dataset"] if mining.scope == "dataset" else "all"
                            for r in q_rows], dtype=object)
-    k = min(mining.search_k, max(1, len(targets.keys)))
-    result = search_within_groups(
-        q_emb, q_groups, targets.emb, targets.groups, k, backend=mining.backend,
-        block_size=mining.block_size, query_block_size=mining.query_block_size,
-        build=mining.index, nlist=mining.ivf_nlist if mining.index == "ivf" else None,
-        nprobe=mining.ivf_nprobe, num_threads=max(1, int(mining.cpus_per_actor)))
     pos_scores = (q_emb * targets.emb[pos_ids]).sum(axis=1)  # (Q,)
-    selection = select_negatives(
-        result.scores, result.ids, pos_scores, pos_ids, targets.keys,
-        targets.keys[pos_ids], num_negatives=mining.num_negatives,
-        fn_margin=mining.fn_margin, fn_ratio=mining.fn_ratio, max_score=mining.max_score,
-        unique_negatives=mining.unique_negatives, selection=mining.selection,
-        range_min=mining.range_min, range_max=mining.range_max or None,
-        seed=mining.seed + task.index)
+    k = min(mining.search_k, max(1, len(targets.keys)))
+    result = mine_within_groups(
+        q_emb, q_groups, targets.emb, targets.groups, pos_scores, pos_ids, targets.keys,
+        targets.keys[pos_ids], search_k=k, search_kwargs={
+            "backend": mining.backend, "block_size": mining.block_size,
+            "query_block_size": mining.query_block_size, "build": mining.index,
+            "nlist": mining.ivf_nlist if mining.index == "ivf" else None,
+            "nprobe": mining.ivf_nprobe, "num_threads": max(1, int(mining.cpus_per_actor))},
+        select_kwargs={
+            "num_negatives": mining.num_negatives, "fn_margin": mining.fn_margin,
+            "fn_ratio": mining.fn_ratio, "max_score": mining.max_score,
+            "unique_negatives": mining.unique_negatives, "selection": mining.selection,
+            "range_min": mining.range_min, "range_max": mining.range_max or None,
+            "seed": mining.seed + task.index})
+    selection = result.selection
     payloads = mined.negative_payloads(selection.neg_ids, targets, task.pairs_uri, pairs)
     rows = [mined.mined_row(pairs[r], selection, j, pos_scores[j], payloads, targets.keys)
             for j, r in enumerate(q_rows)]
     stats = mined.shard_stats(datasets=[pairs[r]["dataset"] for r in q_rows],
-                              selection=selection, pos_scores=pos_scores)
+                              selection=selection, pos_scores=pos_scores,
+                              searched_again=result.searched_k > k)
     output = outputs.ShardedOutput(task.folder, task.owner, MINED)
     storage.write_json(output.stats_uri(task.index), stats)
     output.write_shard(task.index, rows, rejects)
     return {"shard": task.index, "rows": len(rows), "seconds": time.perf_counter() - start,
-            "search": json.dumps(result.stats, default=str)}
+            "search": json.dumps(result.search_stats, default=str)}
 
 
 # -- the step -----------------------------------------------------------------------------------
@@ -280,12 +283,13 @@ def summarize(manifest: dict[str, Any], folder: str) -> str:
     lines = [f"mine_negatives -> {folder}  ({manifest['seconds']:.1f} s, "
              f"{manifest['targets']} distinct targets)",
              f"{'dataset':<14} {'queries':>7} {'cands':>6} {'self/dup':>8} {'margin':>7} "
-             f"{'ratio':>6} {'max':>5} {'kept':>6} {'short':>6}"]
+             f"{'ratio':>6} {'max':>5} {'kept':>6} {'short':>6} {'deeper':>6}"]
     for name, s in manifest["per_dataset"].items():
         lines.append(f"{name:<14} {s['queries']:>7} {s['n_candidates']:>6} "
                      f"{s['dropped_self'] + s['dropped_duplicate'] + s['dropped_repeat']:>8} "
                      f"{s['dropped_margin']:>7} {s['dropped_ratio']:>6} "
-                     f"{s['dropped_max_score']:>5} {s['n_selected']:>6} {s['short']:>6}")
+                     f"{s['dropped_max_score']:>5} {s['n_selected']:>6} {s['short']:>6} "
+                     f"{s.get('searched_again', 0):>6}")
     lines.append(f"pairs in {manifest['rows_in']}, mined {manifest['rows_out']}, rejected "
                  f"{manifest['rows_rejected']} {manifest['rejects_by_reason'] or ''} "
                  f"(rows in {folder}/_rejects)")
