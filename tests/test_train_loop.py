@@ -179,6 +179,25 @@ def test_frozen_fingerprint_detects_one_ulp() -> None:
         verify_frozen(module, before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_device_checksum_sees_any_single_element_change(dtype: torch.dtype) -> None:
+    """The checksum frozen_fingerprint uses on GPUs (run here on the CPU): one element one ulp
+    off, or two elements swapped, changes it; the same values in a copy do not."""
+    from pipeline.train.checkpoint import FINGERPRINT_CHUNK, tensor_checksum
+
+    data = torch.randn(FINGERPRINT_CHUNK + 1000, generator=torch.Generator().manual_seed(0)
+                       ).to(dtype)  # more than one chunk
+    reference = tensor_checksum(data)
+    assert tensor_checksum(data.clone()) == reference
+    for index in (0, 17, FINGERPRINT_CHUNK - 1, FINGERPRINT_CHUNK + 999):
+        changed = data.clone()
+        changed[index] = torch.nextafter(changed[index], torch.tensor(9.0, dtype=dtype))
+        assert tensor_checksum(changed) != reference, index
+    swapped = data.clone()
+    swapped[[3, 4]] = data[[4, 3]]
+    assert data[3] != data[4] and tensor_checksum(swapped) != reference
+
+
 # -- metrics ---------------------------------------------------------------------------------------
 def row(step: int) -> dict:
     return {"step": step, "epoch": 0, "loss": 10.0 / step, "lr": 1e-3, "grad_norm": 1.0,
