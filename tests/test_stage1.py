@@ -111,10 +111,25 @@ def test_rerun_is_skipped(full_run: tuple[Config, dict]) -> None:
 
 
 def test_stop_and_resume_on_s3_with_zero3_equals_uninterrupted(
-        full_run: tuple[Config, dict], inputs: pathlib.Path, s3_bucket: str) -> None:
+        full_run: tuple[Config, dict], inputs: pathlib.Path, s3_bucket: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Stop after the step-2 checkpoint, relaunch to step 4: it resumes at step 3 and every
-    loss equals the uninterrupted run's. This run also uses S3 for everything and ZeRO-3
-    (parameters partitioned), whose gradients equal ZeRO-2's up to float rounding."""
+    loss equals the uninterrupted run's. This run also uses S3 for everything, ZeRO-3
+    (parameters partitioned), whose gradients equal ZeRO-2's up to float rounding, and the
+    path of large inputs: the workers read the teacher shards (``read_parquet``), the driver
+    only their ids and texts."""
+    from pipeline.train import loop
+
+    monkeypatch.setattr(loop, "SMALL_INPUT_BYTES", 0)
+    teacher_reads: list[list[str] | None] = []  # the driver's reads of teacher shards
+    real_read = storage.read_table
+
+    def read_table(uri: str, columns: list[str] | None = None):
+        if "/teacher_embed/" in uri:
+            teacher_reads.append(columns)
+        return real_read(uri, columns)
+
+    monkeypatch.setattr(storage, "read_table", read_table)
     root = f"{s3_bucket}/run"
     copy_inputs(inputs, root)
     zero3 = ["train.zero_stage=3"]
@@ -133,6 +148,7 @@ def test_stop_and_resume_on_s3_with_zero3_equals_uninterrupted(
                                [row["loss"] for row in expected], rtol=1e-5)
     np.testing.assert_allclose([row["lr"] for row in resumed], [row["lr"] for row in expected])
     assert storage.exists(f"{stage}/model/model.safetensors")
+    assert teacher_reads and all(columns == ["id", "texts"] for columns in teacher_reads)
 
 
 def test_frozen_weights_are_bitwise_unchanged(full_run: tuple[Config, dict]) -> None:

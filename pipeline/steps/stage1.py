@@ -61,7 +61,6 @@ def preflight(config: Config) -> None:
 
 def run(config: Config) -> dict[str, Any]:
     """Train stage 1 (or skip it when complete); returns its manifest."""
-    import ray.data
 
     from pipeline.models.student import build_student
     from pipeline.train import loop
@@ -69,7 +68,7 @@ def run(config: Config) -> dict[str, Any]:
         Stage1Spec,
         group_index,
         loop_settings,
-        read_teacher_tables,
+        read_group_texts,
         stop_step,
     )
 
@@ -84,8 +83,8 @@ def run(config: Config) -> dict[str, Any]:
                              stop_step(config, num_groups), NAME, base.job_record(config, NAME))
     if done is not None:
         return done
-    tables = read_teacher_tables(teacher_folder)
-    index = group_index(tables)
+    _, shards = outputs.complete_input(teacher_folder)
+    index = group_index(read_group_texts(shards))
     if len(index.keys) != num_groups:
         raise storage.StorageError(f"{teacher_folder}: the manifest counts {num_groups} groups "
                                    f"but the shards hold {len(index.keys)}")
@@ -94,12 +93,8 @@ def run(config: Config) -> dict[str, Any]:
     settings = loop_settings(config, folder, index.keys)
     spec = Stage1Spec(settings, student=student, config=config,
                       texts_per_group=index.texts_per_group, probe_texts=list(index.probe_texts))
-    # The driver has read the shards already (ids, probe texts): they go to the object store
-    # as they are (read_parquet's per-file tasks cost more than the read at this size).
-    dataset = ray.data.from_arrow(tables)
-    del tables
     run_name = base.ray_run_name(config, NAME)
-    loop.fit(spec, dataset, run_name)
+    loop.fit(spec, loop.shard_dataset(teacher_folder, shards, NAME), run_name)
     summary = storage.read_json(storage.join(folder, loop.SUMMARY_FILE))
     used = loop.rows_used(num_groups, settings, summary["steps"])
     return outputs.write_manifest(folder, {

@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 NAME = "stage2"
 READS = ("model", "train", "stage2")
 USES_RAY = True
-SMALL_INPUT_BYTES = 256 * 2**20  # mined shards up to this size go through the driver
 
 
 def inputs(config: Config) -> tuple[str, ...]:
@@ -96,22 +95,6 @@ def resolve_init(config: Config) -> Any:
     return StudentSource(storage.absolute_uri(uri), model.family, model.trust_remote_code)
 
 
-def training_dataset(folder: str, shards: list[str]) -> Any:
-    """The mined shards as a Ray Dataset. Small tables (the demo, tests) are read here and
-    handed over with ``from_arrow``: ``read_parquet`` would start a Ray worker process per
-    read task in every Train worker, which costs about a minute on a 2-core machine.
-    Larger ones are read by Ray Data (``read_parquet``) and never held by the driver."""
-    import ray.data
-
-    size = provenance.fingerprint(folder)["bytes"]
-    if size <= SMALL_INPUT_BYTES:
-        return ray.data.from_arrow([storage.read_table(uri) for uri in shards])
-    fs, first = storage.resolve(shards[0])
-    paths = [first] + [storage.resolve(uri)[1] for uri in shards[1:]]
-    logger.info("stage2: %.1f GiB of mined shards: read by Ray Data", size / 2**30)
-    return ray.data.read_parquet(paths, filesystem=fs)
-
-
 def run(config: Config, folder: str | None = None) -> dict[str, Any]:
     """Train stage 2 into ``folder`` (default ``<run_root>/stage2``; ablations use others), or
     skip it when complete; returns its manifest."""
@@ -149,7 +132,7 @@ def run(config: Config, folder: str | None = None) -> dict[str, Any]:
         return done
     spec = Stage2Spec(settings, init=init, config=config, probe_rows=probe_rows(shards))
     run_name = base.ray_run_name(config, NAME)
-    loop.fit(spec, training_dataset(mined_folder, shards), run_name)
+    loop.fit(spec, loop.shard_dataset(mined_folder, shards, NAME), run_name)
     summary = storage.read_json(storage.join(settings.stage_dir, loop.SUMMARY_FILE))
     used = loop.rows_used(num_pairs, settings, summary["steps"])
     return outputs.write_manifest(folder, {

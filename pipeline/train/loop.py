@@ -55,7 +55,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from pipeline import outputs, storage
+from pipeline import outputs, provenance, storage
 from pipeline.config import Config, OptimConfig, TrainConfig
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.metrics import MetricsLogger
@@ -64,6 +64,7 @@ logger = logging.getLogger(__name__)
 
 TRAIN_DATASET = "train"
 SUMMARY_FILE = "train_summary.json"
+SMALL_INPUT_BYTES = 256 * 2**20  # input shards up to this size go through the driver
 SCHEDULES = ("linear", "cosine", "constant")
 EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -642,6 +643,23 @@ def fit(spec: StageSpec, dataset: Any, run_name: str) -> Any:
     logger.info("%s: Ray Train run %s finished in %.1f s", settings.stage, run_name,
                 time.perf_counter() - start)
     return result
+
+
+def shard_dataset(folder: str, shards: list[str], stage: str) -> Any:
+    """A stage's input shards as a Ray Dataset. Small tables (the demo, tests) are read here
+    and handed over with ``from_arrow``: ``read_parquet`` would start a Ray worker process
+    per read task in every Train worker, which costs about a minute on a 2-core machine.
+    Larger ones are read by Ray Data (``read_parquet``) and never held by the driver."""
+    import ray.data
+
+    size = provenance.fingerprint(folder)["bytes"]
+    if size <= SMALL_INPUT_BYTES:
+        return ray.data.from_arrow([storage.read_table(uri) for uri in shards])
+    fs, first = storage.resolve(shards[0])
+    paths = [first] + [storage.resolve(uri)[1] for uri in shards[1:]]
+    logger.info("%s: %.1f GiB of input shards: read by Ray Data on the workers", stage,
+                size / 2**30)
+    return ray.data.read_parquet(paths, filesystem=fs)
 
 
 def worker_resources(settings: LoopSettings) -> dict[str, float]:

@@ -147,10 +147,10 @@ def decode_groups(table: pa.Table, texts_per_group: int) -> dict[str, TextGroup]
 
 
 # -- the driver's reads ---------------------------------------------------------------------------
-def read_teacher_tables(teacher_folder: str) -> list[pa.Table]:
-    """Every shard of a complete teacher step, in shard order."""
-    _, shards = outputs.complete_input(teacher_folder)
-    return [storage.read_table(uri) for uri in shards]
+def read_group_texts(shards: list[str]) -> list[pa.Table]:
+    """The ``id`` and ``texts`` columns of the teacher shards, in shard order: what the
+    driver needs (keys, probe texts, the tiny student's vocabulary), never the vectors."""
+    return [storage.read_table(uri, columns=["id", "texts"]) for uri in shards]
 
 
 def group_index(tables: list[pa.Table]) -> GroupIndex:

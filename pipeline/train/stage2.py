@@ -57,7 +57,6 @@ logger = logging.getLogger(__name__)
 
 KIND_QUERY, KIND_POSITIVE, KIND_NEGATIVE, KIND_PADDING = 0, 1, 2, 3
 NUM_PROBE_ROWS = 4
-SMALL_INPUT_BYTES = 256 * 2**20  # mined shards up to this size go through the driver
 STAT_NAMES = ("num_candidates", "dropped_duplicate", "dropped_margin", "dropped_ratio",
               "rows_with_false_negative", "rows_short", "rows_without_negatives",
               "mean_pos_sim", "mean_neg_sim", "mean_margin")
