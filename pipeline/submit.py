@@ -125,8 +125,9 @@ def outputs_complete(config: Config, step: str) -> bool:
         return False  # the ablation's outputs have no step manifest to tell
     names = base.ORDER if step == RUN_ALL else (step,)
     try:
-        return all((outputs.read_manifest(config.step_dir(name)) or {}).get("step_hash")
-                   == base.step_hash(config, name) for name in names)
+        return all(base.finished(config, name) is not None for name in names)
+    except outputs.OutputConflictError:
+        return False  # another identity's outputs: the job replaces them
     except Exception as err:  # a best-effort look: no access from here is fine
         logger.debug("%s: cannot read the outputs under %s from here (%s)", step,
                      config.run_root, err)

@@ -13,13 +13,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.ray_utils import LOCAL_ENV
+
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
-HEAD_ENV = {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind 127.0.0.1, not the interface address
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
+# The environment jobs give a local Ray (127.0.0.1, no usage stats), without token auth.
+HEAD_ENV = {**LOCAL_ENV, "RAY_AUTH_MODE": "disabled"}
 
 
 def head_env() -> dict[str, str]:
