@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,34 @@ class Embedder(torch.nn.Module):
         if hasattr(self.model, "merge_and_unload"):
             self.model = self.model.merge_and_unload()
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Activation checkpointing (``train.gradient_checkpointing``) in the language model
+        and, where the model supports it, the vision tower; with or without LoRA attached.
+
+        In train mode each layer then keeps only its input and recomputes its activations in
+        the backward pass. Non-reentrant ``torch.utils.checkpoint``: LoRA weights inside a
+        layer get their gradient although the layer's input needs none (frozen embeddings,
+        pixels), dropout masks are replayed, and the gradient equals the plain one
+        (tests/test_gradient_checkpointing.py). Eval mode (``encode``) is unaffected.
+        ``forward`` passes ``use_cache=False``, so the model config stays untouched.
+        """
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if not getattr(base, "supports_gradient_checkpointing", False):
+            raise _no_checkpointing(self.spec.family, base)
+        try:
+            base.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+        except ValueError as err:  # no module of the model has the checkpointing flag
+            raise _no_checkpointing(self.spec.family, base) from err
+        language, vision = _checkpointed_modules(base, self.spec)
+        if not language:
+            raise _no_checkpointing(self.spec.family, base)
+        if not vision:
+            logger.warning("activation checkpointing: the %s vision tower does not support it; "
+                           "its activations are kept", self.spec.family)
+        logger.info("activation checkpointing (non-reentrant) on for %s: language model %s; "
+                    "vision %s", self.spec.family, language, vision or "off")
+
     # -- properties -----------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -127,9 +156,9 @@ class Embedder(torch.nn.Module):
         return F.normalize(last.float(), dim=-1)  # (N, D)
 
     def _to_device(self, value: torch.Tensor) -> torch.Tensor:
-        if value.is_floating_point():
-            return value.to(self.device, self.dtype)
-        return value.to(self.device)
+        if value.is_floating_point():  # non_blocking: the prefetch pins training inputs
+            return value.to(self.device, self.dtype, non_blocking=True)
+        return value.to(self.device, non_blocking=True)
 
     # -- inference path -------------------------------------------------------------------
     @torch.no_grad()
@@ -164,6 +193,30 @@ class Embedder(torch.nn.Module):
     def embedding_dim(self) -> int:
         config = getattr(self.model.config, "text_config", self.model.config)
         return int(config.hidden_size)
+
+
+def _no_checkpointing(family: str, model: torch.nn.Module) -> ValueError:
+    return ValueError(f"train.gradient_checkpointing=true, but the {family} model "
+                      f"({type(model).__name__}) does not support activation checkpointing in "
+                      "its language model; set train.gradient_checkpointing=false")
+
+
+def _checkpointed_modules(model: torch.nn.Module, spec: BackboneSpec) -> tuple[str, str]:
+    """Modules with activation checkpointing on, as ``'Class xN, ...'`` ('' = none): those
+    of the language model, and those under ``spec.vision_paths``."""
+    language: Counter[str] = Counter()
+    vision: Counter[str] = Counter()
+    for name, module in model.named_modules():
+        if getattr(module, "gradient_checkpointing", False) is not True:
+            continue
+        under_vision = any(name == path or name.startswith(f"{path}.")
+                           for path in spec.vision_paths)
+        (vision if under_vision else language)[type(module).__name__] += 1
+    return _count_list(language), _count_list(vision)
+
+
+def _count_list(counts: Counter[str]) -> str:
+    return ", ".join(f"{name} x{n}" for name, n in counts.items())
 
 
 def _align(texts: Sequence[str] | None, images: Sequence[ImageInput] | None
