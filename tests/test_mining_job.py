@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline import outputs, storage
 from pipeline.config import load_config
 from pipeline.data.images import PackOptions, content_key, pack_image
-from pipeline.data.mined import check_pair
+from pipeline.data.mined import check_pair, read_with_negatives
 from pipeline.data.schemas import MINED, PAIRS
 from pipeline.models import build_tiny_model
 from pipeline.steps.mine_negatives import MinerEmbedTask, MinerShardWorker
@@ -88,14 +88,21 @@ def test_mining_matches_brute_force_on_s3(ray_local, s3_bucket, miner):
         assert len(set(row["neg_key"])) == len(row["neg_key"])
         assert all(s <= row["pos_score"] + 1e-3 for s in row["neg_score"])  # margin 0
         assert row["neg_score"] == sorted(row["neg_score"], reverse=True)
-        assert len(row["neg_text"]) == len(row["neg_image"]) == len(row["neg_key"])
+        assert len(row["neg_shard"]) == len(row["neg_row"]) == len(row["neg_key"])
         assert len(row["neg_key"]) == 4 or row["short"]
-    # Negatives carry the right payload: the text and image of the target with that key.
+    # Negatives point at the right payload: the text and image of the target with that key,
+    # and the pair at its own row; the table holds no image bytes.
+    assert manifest["pairs_table"] == f"{config.run_root}/prepare_data/pairs"
     payload = {p["pos_key"]: (p["pos_text"], p["pos_image"]) for p in pairs}
-    for row in mined[:20]:
+    by_pair = {p["id"]: p for p in pairs}
+    resolved = read_with_negatives(mined[:40], manifest["pairs_table"])
+    for row in resolved:
+        assert row["qry_text"] == by_pair[row["id"]]["qry_text"]
+        assert row["given_neg_text"] == by_pair[row["id"]]["neg_text"]
         for text, image, key in zip(row["neg_text"], row["neg_image"], row["neg_key"],
                                     strict=True):
             assert payload[key] == (text, image)
+    assert not any(isinstance(v, bytes) for row in mined for v in row.values())
     per_dataset = manifest["per_dataset"]
     assert set(per_dataset) == {"demo_t2i", "demo_i2t", "demo_cls", "demo_vqa"}
     # margin 0 leaves weak rows short of 4 among their first 12: searched again, deeper
@@ -177,3 +184,17 @@ def test_ivf_recall_is_measured(ray_local, tmp_path, miner):
     # nprobe = nlist searches every list: IVF is then exact and its recall is 1.
     assert manifest["ivf_recall"] == pytest.approx(1.0)
     assert manifest["rows_out"] == manifest["rows_in"]
+
+
+def test_read_rows_returns_the_pointed_rows_in_pointer_order(tmp_path) -> None:
+    from pipeline.data.mined import read_rows
+
+    shards = [[{"id": f"s{s}r{r}", "pos_text": f"t{s}.{r}", "pos_key": f"k{s}{r}"}
+               for r in range(5)] for s in range(3)]
+    for s, rows in enumerate(shards):
+        write_pairs(str(tmp_path / outputs.shard_name(s)), [{"qry_text": "q", **r} for r in rows])
+    pointers = np.random.default_rng(0).integers(0, [3, 5], size=(25, 2))  # repeats included
+    table = read_rows(str(tmp_path), pointers, ["id", "pos_text"])
+    assert table.column("id").to_pylist() == [shards[s][r]["id"] for s, r in pointers]
+    assert table.column_names == ["id", "pos_text"]
+    assert read_rows(str(tmp_path), np.zeros((0, 2)), ["id"]).num_rows == 0

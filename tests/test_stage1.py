@@ -116,11 +116,7 @@ def test_stop_and_resume_on_s3_with_zero3_equals_uninterrupted(
     """Stop after the step-2 checkpoint, relaunch to step 4: it resumes at step 3 and every
     loss equals the uninterrupted run's. This run also uses S3 for everything, ZeRO-3
     (parameters partitioned), whose gradients equal ZeRO-2's up to float rounding, and the
-    path of large inputs: the workers read the teacher shards (``read_parquet``), the driver
-    only their ids and texts."""
-    from pipeline.train import loop
-
-    monkeypatch.setattr(loop, "SMALL_INPUT_BYTES", 0)
+    data path: the workers read the teacher shards, the driver only their ids and texts."""
     teacher_reads: list[list[str] | None] = []  # the driver's reads of teacher shards
     real_read = storage.read_table
 

@@ -3,10 +3,8 @@ guards, metrics files, stage-1 row decoding, config checks, similarity agreement
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
@@ -81,41 +79,6 @@ def test_epoch_order_is_seeded_and_global_batches_do_not_depend_on_workers() -> 
         np.testing.assert_array_equal(np.concatenate(two), one)   # rank order = batch order
         np.testing.assert_array_equal(np.concatenate(four), one)
         np.testing.assert_array_equal(one, order[step * 8:(step + 1) * 8])
-
-
-class FakeShard:
-    def __init__(self, tables: list[pa.Table]) -> None:
-        self.tables = tables
-
-    def iter_batches(self, **kwargs) -> list[pa.Table]:
-        return self.tables
-
-
-def fake_ctx(keys: list[str], rank: int) -> loop.WorkerContext:
-    settings = SimpleNamespace(row_keys=tuple(keys), steps_per_epoch=2, global_batch_rows=4)
-    return loop.WorkerContext(settings=settings, rank=rank, world_size=2,  # type: ignore[arg-type]
-                              device=torch.device("cpu"))
-
-
-def test_epoch_rows_are_this_ranks_slices_and_missing_rows_are_named() -> None:
-    keys = [f"k{i}" for i in range(8)]
-    spec = SimpleNamespace(key_column="id",
-                           decode_rows=lambda t: {k: k.upper() for k in t["id"].to_pylist()})
-    table = pa.table({"id": keys[::-1]})  # stream order does not matter
-    order = loop.epoch_order(8, seed=0, epoch=0)
-    batches, missing = loop._load_epoch_rows(fake_ctx(keys, 1), spec, FakeShard([table]),
-                                             order, start=0)
-    assert missing is None
-    assert batches == [[keys[p].upper() for p in order[2:4]], [keys[p].upper() for p in order[6:8]]]
-    resumed, _ = loop._load_epoch_rows(fake_ctx(keys, 1), spec, FakeShard([table]), order, 1)
-    assert resumed == batches[1:]
-    gone = keys[order[6]]
-    partial, missing = loop._load_epoch_rows(fake_ctx(keys, 1), spec,
-                                             FakeShard([table.filter(pa.array(
-                                                 [k != gone for k in keys[::-1]]))]), order, 0)
-    assert partial == batches[:1] and missing == gone
-    with pytest.raises(ValueError, match="duplicate id"):
-        loop._load_epoch_rows(fake_ctx(keys, 1), spec, FakeShard([table, table]), order, 0)
 
 
 def loop_settings(num_rows: int, global_batch_rows: int, groups: tuple[int, ...] = ()

@@ -3,7 +3,9 @@ targets read back from the ``embeddings`` shards, the negatives' payloads read f
 shards, the ``mined`` rows, and per-dataset statistics of the filters with their plot.
 
 The search and the false-negative filter themselves are :mod:`pipeline.mining` (arrays in,
-arrays out); this module is where they meet files.
+arrays out); this module is where they meet files. The ``mined`` table keeps the negatives by
+reference (key, score, pairs shard and row), never their bytes: :func:`read_with_negatives`
+shows them.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline import outputs, storage
 from pipeline.data.schemas import PAIRS, vectors_numpy
@@ -80,43 +83,69 @@ def load_targets(embeddings_folder: str, scope: str) -> TargetIndex:
                        np.asarray(location, dtype=np.int64).reshape(-1, 2), row_of)
 
 
-def negative_payloads(neg_ids: np.ndarray, targets: TargetIndex, own_uri: str,
-                       own_rows: list[dict[str, Any]]) -> dict[int, tuple[str, bytes | None]]:
-    """(text, image) of every chosen negative, read from the pairs shards holding them."""
-    needed = np.unique(neg_ids[neg_ids >= 0])
-    payloads: dict[int, tuple[str, bytes | None]] = {}
-    folder = own_uri.rsplit("/", 1)[0]
-    for shard in np.unique(targets.location[needed, 0]):
-        in_shard = needed[targets.location[needed, 0] == shard]
-        uri = storage.join(folder, outputs.shard_name(int(shard)))
-        rows = own_rows if uri == own_uri else storage.read_table(
-            uri, columns=["pos_text", "pos_image"]).to_pylist()
-        for t in in_shard:
-            row = rows[int(targets.location[t, 1])]
-            payloads[int(t)] = (row["pos_text"], row["pos_image"])
-    return payloads
-
-
-def mined_row(pair: dict[str, Any], selection: Any, j: int, pos_score: float,
-               payloads: dict[int, tuple[str, bytes | None]], keys: np.ndarray
-               ) -> dict[str, Any]:
-    chosen = [int(t) for t in selection.neg_ids[j] if t >= 0]
+def mined_row(pair: dict[str, Any], location: tuple[int, int], selection: Any, j: int,
+              pos_score: float, targets: TargetIndex) -> dict[str, Any]:
+    """The ``mined`` row of query ``j``: the pair by reference (its pairs shard and row), its
+    chosen negatives' keys, scores and the pairs rows holding their payloads."""
+    chosen = np.asarray([t for t in selection.neg_ids[j] if t >= 0], dtype=np.int64)
     counts = selection.counts
-    row = {k: pair[k] for k in PAIRS.names if k not in ("neg_text", "neg_image")}
-    row.update({
-        "given_neg_text": pair["neg_text"], "given_neg_image": pair["neg_image"],
-        "neg_text": [payloads[t][0] for t in chosen],
-        "neg_image": [payloads[t][1] for t in chosen],
-        "neg_key": [keys[t] for t in chosen],
+    return {
+        "id": pair["id"], "dataset": pair["dataset"], "pos_key": pair["pos_key"],
+        "pair_shard": int(location[0]), "pair_row": int(location[1]),
+        "neg_key": [targets.keys[t] for t in chosen],
         "neg_score": [float(s) for s in selection.neg_scores[j][:len(chosen)]],
+        "neg_shard": targets.location[chosen, 0].tolist(),
+        "neg_row": targets.location[chosen, 1].tolist(),
+        "num_given": len(pair["neg_text"]),
         "pos_score": float(pos_score),
         "n_false_neg_dropped": int(counts["dropped_margin"][j] + counts["dropped_ratio"][j]
                                    + counts["dropped_max_score"][j]),
         "n_duplicate_dropped": int(counts["dropped_self"][j] + counts["dropped_duplicate"][j]
                                    + counts["dropped_repeat"][j]),
         "short": bool(counts["short"][j]),
-    })
-    return row
+    }
+
+
+def read_rows(pairs_folder: str, pointers: np.ndarray, columns: list[str]) -> pa.Table:
+    """Rows of the pairs table at ``pointers`` ((n, 2) int: shard, row), in that order; each
+    shard holding one is read once (only ``columns``)."""
+    pointers = np.asarray(pointers, dtype=np.int64).reshape(-1, 2)
+    pieces, where = [], np.empty(len(pointers), dtype=np.int64)
+    offset = 0
+    for shard in np.unique(pointers[:, 0]):
+        rows = np.flatnonzero(pointers[:, 0] == shard)
+        table = storage.read_table(storage.join(pairs_folder, outputs.shard_name(int(shard))),
+                                   columns=columns)
+        pieces.append(table.take(pa.array(pointers[rows, 1])))
+        where[rows] = offset + np.arange(len(rows))
+        offset += len(rows)
+    if not pieces:
+        return pa.table({c: pa.array([], PAIRS.field(c).type) for c in columns})
+    return pa.concat_tables(pieces).take(pa.array(where))
+
+
+def read_with_negatives(mined_rows: list[dict[str, Any]], pairs_folder: str
+                        ) -> list[dict[str, Any]]:
+    """``mined`` rows with their payloads resolved from the pairs table, for inspection:
+    the pair's columns, ``given_neg_text``/``given_neg_image`` (the data's negatives) and
+    ``neg_text``/``neg_image`` (the mined ones, best first)."""
+    own = read_rows(pairs_folder, [(r["pair_shard"], r["pair_row"]) for r in mined_rows],
+                    PAIRS.names).to_pylist()
+    neg_ptrs = [(s, i) for r in mined_rows for s, i in zip(r["neg_shard"], r["neg_row"],
+                                                          strict=True)]
+    negs = read_rows(pairs_folder, neg_ptrs, ["pos_text", "pos_image"]).to_pylist()
+    out, offset = [], 0
+    for row, pair in zip(mined_rows, own, strict=True):
+        if pair["id"] != row["id"]:
+            raise ValueError(f"mined row {row['id']!r} points at pairs row {pair['id']!r}: "
+                             f"{pairs_folder} is not the table it was mined from")
+        mine = negs[offset:offset + len(row["neg_key"])]
+        offset += len(mine)
+        out.append({**pair, **row, "given_neg_text": pair["neg_text"],
+                    "given_neg_image": pair["neg_image"],
+                    "neg_text": [n["pos_text"] for n in mine],
+                    "neg_image": [n["pos_image"] for n in mine]})
+    return out
 
 
 def shard_stats(*, datasets: list[str], selection: Any, pos_scores: np.ndarray,

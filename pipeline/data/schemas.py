@@ -59,15 +59,22 @@ PAIRS = pa.schema([
     pa.field("source", pa.string(), nullable=False),
 ])
 
-# The stage-2 training table: a pair, its given negatives and its mined hard negatives.
+# The stage-2 training table: a pair and its mined hard negatives, by reference. A pair's
+# payload (query, positive, given negatives) is its row of the pairs table
+# (``pair_shard``/``pair_row``); a negative's is the positive of the pairs row that holds its
+# target (``neg_shard``/``neg_row``). Read them back with
+# :func:`pipeline.data.mined.read_with_negatives`.
 MINED = pa.schema([
-    *[f for f in PAIRS if f.name not in ("neg_text", "neg_image")],
-    pa.field("given_neg_text", pa.list_(pa.string()), nullable=False),
-    pa.field("given_neg_image", pa.list_(pa.binary()), nullable=False),
-    pa.field("neg_text", pa.list_(pa.string()), nullable=False),
-    pa.field("neg_image", pa.list_(pa.binary()), nullable=False),
-    pa.field("neg_key", pa.list_(pa.string()), nullable=False),
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("dataset", pa.string(), nullable=False),
+    pa.field("pos_key", pa.string(), nullable=False),
+    pa.field("pair_shard", pa.int32(), nullable=False),   # the pair's pairs shard
+    pa.field("pair_row", pa.int32(), nullable=False),     # and row in it
+    pa.field("neg_key", pa.list_(pa.string()), nullable=False),   # best first
     pa.field("neg_score", pa.list_(pa.float32()), nullable=False),
+    pa.field("neg_shard", pa.list_(pa.int32()), nullable=False),  # where each negative's
+    pa.field("neg_row", pa.list_(pa.int32()), nullable=False),    # payload is (pos_*)
+    pa.field("num_given", pa.int32(), nullable=False),    # negatives the data gave (neg_*)
     pa.field("pos_score", pa.float32(), nullable=False),
     pa.field("n_false_neg_dropped", pa.int32(), nullable=False),  # margin + ratio + max_score
     pa.field("n_duplicate_dropped", pa.int32(), nullable=False),  # the positive, its copies

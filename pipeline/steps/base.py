@@ -72,9 +72,12 @@ def get(name: str) -> ModuleType:
 def identity(config: Config, name: str) -> dict[str, Any]:
     """What makes a step's outputs what they are: its settings and its inputs' hashes."""
     step = get(name)
-    return {"step": name,
-            "settings": {key: hashed_value(config, key) for key in step.READS},
-            "inputs": {parent: step_hash(config, parent) for parent in step.inputs(config)}}
+    ident = {"step": name,
+             "settings": {key: hashed_value(config, key) for key in step.READS},
+             "inputs": {parent: step_hash(config, parent) for parent in step.inputs(config)}}
+    if getattr(step, "TABLE_VERSION", 1) != 1:  # a new layout of the step's output table
+        ident["table_version"] = step.TABLE_VERSION
+    return ident
 
 
 @functools.lru_cache(maxsize=256)

@@ -12,7 +12,8 @@ Two phases over the ``prepare_data/pairs`` shards, each one Ray Data task per sh
    shard i, exact blockwise top-``search_k`` of its queries against the targets of the same
    dataset (``mining.scope``), the false-negative filters and the selection of
    :mod:`pipeline.mining`, then the stage-2 training rows (``mined`` table, shard i) with
-   the negatives' texts and packed images (:mod:`pipeline.data.mined`).
+   the negatives by reference: their keys, scores and the pairs rows holding their payloads
+   (:mod:`pipeline.data.mined`; ``read_with_negatives`` shows their texts and images).
 
 The target matrix travels once through the object store. Outputs under
 ``<run_root>/mine_negatives``: ``embeddings/``, ``part-*.parquet`` (mined), ``_rejects/``,
@@ -41,6 +42,8 @@ NAME = "mine_negatives"
 READS = ("mining",)
 USES_RAY = True
 INPUT_TABLE = "pairs"  # of prepare_data
+TABLE_VERSION = 2  # mined negatives by reference (pairs shard + row), not their bytes
+PAIR_COLUMNS = ["id", "dataset", "qry_text", "pos_text", "pos_key", "neg_text", "source"]  # what a search task reads
 EMBEDDINGS_DIR = "embeddings"
 
 
@@ -147,7 +150,7 @@ def search_shard(task: SearchTask) -> dict[str, Any]:
     start = time.perf_counter()
     targets: mined.TargetIndex = ray.get(task.targets)
     mining = task.mining
-    pairs = storage.read_table(task.pairs_uri).to_pylist()
+    pairs = storage.read_table(task.pairs_uri, columns=PAIR_COLUMNS).to_pylist()
     embedded = storage.read_table(task.embeddings_uri)
     queries = [i for i, k in enumerate(embedded.column("kind").to_pylist()) if k == "query"]
     q_rows = np.asarray(embedded.column("row").to_pylist(), dtype=np.int64)[queries]
@@ -182,8 +185,7 @@ def search_shard(task: SearchTask) -> dict[str, Any]:
             "range_min": mining.range_min, "range_max": mining.range_max or None,
             "seed": mining.seed + task.index})
     selection = result.selection
-    payloads = mined.negative_payloads(selection.neg_ids, targets, task.pairs_uri, pairs)
-    rows = [mined.mined_row(pairs[r], selection, j, pos_scores[j], payloads, targets.keys)
+    rows = [mined.mined_row(pairs[r], (task.index, r), selection, j, pos_scores[j], targets)
             for j, r in enumerate(q_rows)]
     stats = mined.shard_stats(datasets=[pairs[r]["dataset"] for r in q_rows],
                               selection=selection, pos_scores=pos_scores,
@@ -255,7 +257,8 @@ def run(config: Config) -> dict[str, Any]:
     return output.finish(
         rows_in=inputs_manifest["rows_out"], num_shards=len(shards),
         seconds=time.perf_counter() - start, config_hash=config.config_hash,
-        extra={"table": "mined", "miner": path, "targets": int(targets.emb.shape[0]),
+        extra={"table": "mined", "pairs_table": storage.absolute_uri(input_folder),
+               "miner": path, "targets": int(targets.emb.shape[0]),
                "shards_skipped": len(done_shards), "per_dataset": mined.per_dataset(stats),
                "nodes": {"embed": node_counts(embedded_on), "search": node_counts(results)},
                "totals": mined.totals(stats), "ivf_recall": recall,

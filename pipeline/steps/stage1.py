@@ -64,7 +64,9 @@ def run(config: Config) -> dict[str, Any]:
 
     from pipeline.models.student import build_student
     from pipeline.train import loop
+    from pipeline.train.rows import source_from_shards
     from pipeline.train.stage1 import (
+        TEACHER_COLUMNS,
         Stage1Spec,
         group_index,
         loop_settings,
@@ -90,11 +92,12 @@ def run(config: Config) -> dict[str, Any]:
                                    f"but the shards hold {len(index.keys)}")
     student = build_student(config.model, config.run_root, seed=config.train.seed,
                             vocab_texts=index.texts)
-    settings = loop_settings(config, folder, index.keys)
+    source = source_from_shards(shards, TEACHER_COLUMNS, index.pointers)
+    settings = loop_settings(config, folder, index.keys, source)
     spec = Stage1Spec(settings, student=student, config=config,
                       texts_per_group=index.texts_per_group, probe_texts=list(index.probe_texts))
     run_name = base.ray_run_name(config, NAME)
-    loop.fit(spec, loop.shard_dataset(teacher_folder, shards, NAME), run_name)
+    loop.fit(spec, run_name)
     summary = storage.read_json(storage.join(folder, loop.SUMMARY_FILE))
     used = loop.rows_used(num_groups, settings, summary["steps"])
     return outputs.write_manifest(folder, {

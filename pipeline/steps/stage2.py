@@ -1,6 +1,7 @@
 """Step 5, stage2: hard-negative enhanced instruction tuning (Ray Train + DeepSpeed, LoRA).
 
-Reads the ``mine_negatives`` table and starts from ``stage2.init`` (the merged stage-1
+Reads the ``mine_negatives`` table (small: the pairs and their negatives by reference) and
+the pairs table it points into (each worker its share, :mod:`pipeline.train.rows`); starts from ``stage2.init`` (the merged stage-1
 model by default); trains with :class:`pipeline.train.stage2.Stage2Spec` in the shared
 loop (:mod:`pipeline.train.loop`).
 
@@ -103,8 +104,9 @@ def run(config: Config, folder: str | None = None) -> dict[str, Any]:
         Stage2Spec,
         batch_groups,
         hard_negative_summary,
-        pair_keys,
+        pairs_source,
         probe_rows,
+        read_mined_index,
     )
 
     start = time.perf_counter()
@@ -116,23 +118,26 @@ def run(config: Config, folder: str | None = None) -> dict[str, Any]:
     num_pairs = mined_manifest["rows_out"]
     check(config, num_pairs)
     init = resolve_init(config)
-    keys, datasets = pair_keys(shards)
-    if len(keys) != num_pairs:
-        raise storage.StorageError(f"{mined_folder}: the manifest counts {num_pairs} pairs "
-                                   f"but the shards hold {len(keys)}")
     stage2 = config.stage2
+    index = read_mined_index(shards, mined_negatives=stage2.mined_negatives,
+                             given_negatives=stage2.given_negatives)
+    if len(index.keys) != num_pairs:
+        raise storage.StorageError(f"{mined_folder}: the manifest counts {num_pairs} pairs "
+                                   f"but the shards hold {len(index.keys)}")
+    source = pairs_source(pairs_shards(mined_manifest, mined_folder), index)
     settings = loop.build_settings(
-        config, stage=NAME, folder=folder, keys=keys, optim=stage2.optim, epochs=stage2.epochs,
-        max_steps=stage2.max_steps, scheduled_steps=stage2.steps,
+        config, stage=NAME, folder=folder, keys=index.keys, optim=stage2.optim,
+        epochs=stage2.epochs, max_steps=stage2.max_steps, scheduled_steps=stage2.steps,
         global_batch_rows=stage2.global_batch_pairs, sample_unit="items",
-        row_groups=batch_groups(config, datasets))
+        row_groups=batch_groups(config, index.datasets), source=source)
     done = loop.finished_run(folder, base.step_hash(config, NAME), settings.stop_step, NAME,
                              base.job_record(config, NAME))
     if done is not None:
         return done
-    spec = Stage2Spec(settings, init=init, config=config, probe_rows=probe_rows(shards))
+    spec = Stage2Spec(settings, init=init, config=config, probe_rows=probe_rows(source),
+                      row_negatives=index.row_negatives)
     run_name = base.ray_run_name(config, NAME)
-    loop.fit(spec, loop.shard_dataset(mined_folder, shards, NAME), run_name)
+    loop.fit(spec, run_name)
     summary = storage.read_json(storage.join(settings.stage_dir, loop.SUMMARY_FILE))
     used = loop.rows_used(num_pairs, settings, summary["steps"])
     return outputs.write_manifest(folder, {
@@ -145,9 +150,27 @@ def run(config: Config, folder: str | None = None) -> dict[str, Any]:
         "hard_negatives": hard_negative_summary(settings.stage_dir),
         "init": dataclasses.asdict(init),
         "ray_run": {"storage": storage.join(folder, "ray"), "name": run_name},
-        "inputs": {"mine_negatives": provenance.fingerprint(mined_folder)},
+        "inputs": {"mine_negatives": provenance.fingerprint(mined_folder),
+                   "pairs": provenance.fingerprint(source.shards[0].rsplit("/", 1)[0])},
         "config": config.to_dict(),
     })
+
+
+def pairs_shards(mined_manifest: dict[str, Any], mined_folder: str) -> list[str]:
+    """The shards of the pairs table the mined rows point into (``pairs_table`` of the
+    mining manifest), refused when they changed since mining."""
+    uri = mined_manifest.get("pairs_table")
+    if not uri:
+        raise storage.StorageError(f"{mined_folder}: the mining manifest names no pairs_table "
+                                   "(written by an older version): rerun mine_negatives")
+    recorded = mined_manifest.get("inputs", {}).get("pairs", {})
+    _, shards = outputs.complete_input(uri)
+    now = provenance.fingerprint(uri)
+    if {k: now.get(k) for k in ("files", "bytes", "sha256")} != {
+            k: recorded.get(k) for k in ("files", "bytes", "sha256")}:
+        raise storage.StorageError(f"{uri} changed since {mined_folder} was mined from it "
+                                   "(the mined rows point into it): rerun mine_negatives")
+    return shards
 
 
 def summarize(manifest: dict[str, Any], folder: str) -> str:

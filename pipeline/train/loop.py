@@ -13,21 +13,21 @@ order, checkpoint/resume, frozen-weight guards and rank-0 metrics. Stage 1 is
 :class:`pipeline.train.stage1.Stage1Spec`; stage 2 plugs in its pairs, instruction
 prompts and hard-negative loss the same way.
 
-Data split (determinism)
-------------------------
-``streaming_split`` hands blocks to workers dynamically, so which rows a rank sees (and
-in which order) depends on timing: not reproducible, not resumable mid-epoch. Instead:
+Data split (determinism) and the data path
+-------------------------------------------
+The driver passes the sorted list of row keys (group ids, unique: the data layer rejects
+duplicates) and a :class:`pipeline.train.rows.RowSource` (where each row and the rows it
+refers to live: shard and row). No Ray Dataset is involved:
 
-- the driver passes the sorted list of row keys (group ids, unique: the data layer
-  rejects duplicates) and every worker gets the whole dataset unsplit
-  (``DataConfig(datasets_to_split=[])``) through ``ray.train.get_dataset_shard``;
 - epoch ``e`` visits the keys in the order ``permutation(seed, e)``; global batch ``b`` is
   positions ``[b*G, (b+1)*G)`` of that order and rank ``r`` takes the ``r``-th of ``W``
   equal consecutive slices of it (``G % W == 0``; the last partial batch is dropped);
-- each epoch, every worker streams the dataset once and keeps only the rows of its own
-  slices from the resume position on, so a worker holds about 1/W of the data (the
-  stream is cheap next to the forward passes; the rows' order in the stream does not
-  matter because rows are looked up by key);
+- at the start of an epoch (or of a resumed launch) the ranks exchange the rows of the
+  steps still to run (:func:`pipeline.train.rows.exchange_epoch`): each reads about 1/W of
+  the shards and receives its own slices' rows (and their referred rows) as Arrow tables;
+- a background thread decodes each step's rows and runs the processor and tokeniser up to
+  ``PREFETCH_STEPS`` steps ahead (pinned memory on GPU); the collectives of a step (the
+  gathered teacher vectors or item layout) run inside its loss, on the training thread;
 - the data position is the global step: ``divmod(step, steps_per_epoch)`` gives the epoch
   and the batch, so a checkpoint resumes mid-epoch exactly.
 
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import sys
@@ -55,16 +56,16 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from pipeline import outputs, provenance, storage
+from pipeline import outputs, storage
 from pipeline.config import Config, OptimConfig, TrainConfig
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.metrics import MetricsLogger
+from pipeline.train.rows import prefetched
 
 logger = logging.getLogger(__name__)
 
-TRAIN_DATASET = "train"
 SUMMARY_FILE = "train_summary.json"
-SMALL_INPUT_BYTES = 256 * 2**20  # input shards up to this size go through the driver
+PREFETCH_STEPS = 2  # steps whose inputs are prepared ahead of the training step
 SCHEDULES = ("linear", "cosine", "constant")
 EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -87,7 +88,7 @@ class LoopSettings:
     precision: str                # resolved: fp32 | bf16 | fp16
     use_gpu: bool
     log_level: str = "INFO"
-    progress_bars: bool = False   # Ray Data bars in the workers (the driver's resolved setting)
+    source: Any = None            # rows.RowSource: where each key's row (and refs) live
     sample_unit: str = "samples"  # what samples/s counts, e.g. "texts"
     row_groups: tuple[int, ...] = ()  # per row key: its group (e.g. dataset); () = one group
     epochs: int = 1               # passes over the rows when scheduled_steps is 0
@@ -167,12 +168,14 @@ class StageSpec(Protocol):
     def check_frozen(self, module: torch.nn.Module) -> None:
         """Raise if a part that must stay frozen is trainable or in train mode."""
 
-    def decode_rows(self, table: Any) -> dict[str, Any]:
-        """A pyarrow table of input rows -> {key: row}."""
+    def decode_rows(self, batch: Any) -> list[Any]:
+        """One step's :class:`pipeline.train.rows.RowBatch` -> this rank's rows, in order."""
 
-    def make_step(self, ctx: WorkerContext, module: torch.nn.Module,
-                  rows: list[Any]) -> StepBatch:
-        """This rank's rows of one global batch -> model inputs and the global loss."""
+    def make_step(self, ctx: WorkerContext, module: torch.nn.Module, rows: list[Any],
+                  positions: np.ndarray) -> StepBatch:
+        """This rank's rows of one global batch (whose sorted-key positions are
+        ``positions``, all ranks) -> model inputs and the global loss. Runs in the prefetch
+        thread: no collectives here (they belong in ``loss_fn``)."""
 
     def embed(self, engine: Any, chunk: Any) -> torch.Tensor:
         """(n_chunk, D) embeddings of one chunk through the engine (``engine(...)``)."""
@@ -280,36 +283,29 @@ def steps_per_rank(complete_steps_by_rank: Sequence[int]) -> int:
     return counts[0]
 
 
-def _load_epoch_rows(ctx: WorkerContext, spec: StageSpec, shard: Any, order: np.ndarray,
-                     start: int) -> tuple[list[list[Any]], str | None]:
-    """This rank's rows for the complete batches from step ``start`` of the epoch on, and
-    the first key that is missing from the dataset (None when all are there)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+def epoch_rows(ctx: WorkerContext, order: np.ndarray, start: int, count: int,
+               group: Any = None) -> Any:
+    """This rank's :class:`pipeline.train.rows.EpochRows` for ``count`` steps from step
+    ``start`` of the epoch on (a collective: every rank exchanges its share of the input)."""
+    from pipeline.train.rows import exchange_epoch
 
     settings = ctx.settings
-    keys = settings.row_keys
-    steps = settings.steps_per_epoch
-    wanted_positions = [local_positions(order, s, ctx.rank, world_size=ctx.world_size,
-                                        global_batch_rows=settings.global_batch_rows)
-                        for s in range(start, steps)]
-    wanted = {keys[p] for positions in wanted_positions for p in positions}
-    value_set = pa.array(sorted(wanted), pa.string())
-    found: dict[str, Any] = {}
-    for batch in shard.iter_batches(batch_format="pyarrow", batch_size=4096):
-        kept = batch.filter(pc.is_in(batch[spec.key_column], value_set=value_set))
-        if kept.num_rows:
-            rows = spec.decode_rows(kept)
-            if len(rows) != kept.num_rows or found.keys() & rows.keys():
-                raise ValueError(f"duplicate {spec.key_column} values in the input rows")
-            found.update(rows)
-    batches: list[list[Any]] = []
-    for positions in wanted_positions:
-        missing = [keys[p] for p in positions if keys[p] not in found]
-        if missing:
-            return batches, missing[0]
-        batches.append([found[keys[p]] for p in positions])
-    return batches, None
+    steps = range(start, start + count)
+    wanted = [np.concatenate([local_positions(order, s, rank, world_size=ctx.world_size,
+                                              global_batch_rows=settings.global_batch_rows)
+                              for s in steps]) if len(steps) else np.zeros(0, np.int64)
+              for rank in range(ctx.world_size)]
+    rows = exchange_epoch(settings.source, wanted, ctx.rank, group=group)
+    logger.info("%s rank %d: epoch rows exchanged in %.1f s (read %.1f MiB of input, hold "
+                "%.1f MiB)", settings.stage, ctx.rank, rows.seconds, rows.bytes_read / 2**20,
+                rows.bytes_received / 2**20)
+    return rows
+
+
+def global_positions(order: np.ndarray, step_in_epoch: int, global_batch_rows: int
+                     ) -> np.ndarray:
+    """(G,) positions of global batch ``step_in_epoch`` (rank r's slice is the r-th of W)."""
+    return order[step_in_epoch * global_batch_rows:(step_in_epoch + 1) * global_batch_rows]
 
 
 # -- engine ----------------------------------------------------------------------------------------
@@ -343,6 +339,8 @@ def build_engine(ctx: WorkerContext, spec: StageSpec) -> Any:
 
         ctx.hf_deepspeed_config = HfDeepSpeedConfig(config)  # must outlive from_pretrained
     model = spec.build_model(ctx)
+    if settings.train.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError(f"{settings.stage}: the model has no trainable parameters")
@@ -470,16 +468,12 @@ def all_gather_strings(value: str) -> list[str]:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point on every worker: ``{"spec": StageSpec}``."""
     import ray
-    import ray.data
     import ray.train
     import ray.train.torch
 
     spec: StageSpec = loop_config["spec"]
     settings = spec.settings
     _setup_worker_logging(settings.log_level)
-    # The worker streams its dataset itself: without this, a job log gets a bar line (with
-    # cursor escapes) per update from every worker.
-    ray.data.DataContext.get_current().enable_progress_bars = settings.progress_bars
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -491,15 +485,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = WorkerContext(settings=settings, rank=context.get_world_rank(),
                         world_size=context.get_world_size(), device=device,
                         node_id=ray.get_runtime_context().get_node_id())
-    run_worker(ctx, spec, ray.train.get_dataset_shard(TRAIN_DATASET),
-               ray.train.get_checkpoint(), ray.train.report)
+    run_worker(ctx, spec, ray.train.get_checkpoint(), ray.train.report)
 
 
-def run_worker(ctx: WorkerContext, spec: StageSpec, shard: Any, checkpoint: Any,
+def run_worker(ctx: WorkerContext, spec: StageSpec, checkpoint: Any,
                report: Callable[..., None]) -> None:
     """Train from the checkpoint (or from scratch) to ``stop_step``, then export."""
     settings = ctx.settings
     engine = build_engine(ctx, spec)
+    group = data_group(ctx)
+    data_path = {"bytes_read": 0, "bytes_held_max": 0, "exchange_s": 0.0}
     state = ckpt.TrainState(world_size=ctx.world_size)
     if checkpoint is not None:
         state = ckpt.load_checkpoint(engine, checkpoint, world_size=ctx.world_size)
@@ -520,19 +515,19 @@ def run_worker(ctx: WorkerContext, spec: StageSpec, shard: Any, checkpoint: Any,
     while state.step < settings.stop_step:
         state.epoch, start = divmod(state.step, settings.steps_per_epoch)
         order = settings.epoch_order(state.epoch)
-        batches, missing = _load_epoch_rows(ctx, spec, shard, order, start)
-        steps = steps_per_rank(all_gather_ints(len(batches), ctx))
-        if steps < settings.steps_per_epoch - start:
-            raise ValueError(f"{settings.stage}: input rows are missing from the dataset "
-                             f"(e.g. {spec.key_column}={missing!r}): it changed since the "
-                             "driver listed its keys")
-        for rows in batches:
-            if state.step >= settings.stop_step:
-                break
+        count = min(settings.steps_per_epoch, start + settings.stop_step - state.step) - start
+        steps_per_rank(all_gather_ints(count, ctx))
+        rows = epoch_rows(ctx, order, start, count, group)
+        data_path["bytes_read"] += rows.bytes_read
+        data_path["bytes_held_max"] = max(data_path["bytes_held_max"], rows.bytes_received)
+        data_path["exchange_s"] += rows.seconds
+        prepare = functools.partial(_prepare_step, ctx, spec, engine.module, rows, order,
+                                    start, state.step)
+        for batch in prefetched(prepare, count, PREFETCH_STEPS):
             torch.manual_seed(step_seed(settings.train.seed, state.step, ctx.rank))
             ctx.step = state.step
             spec.check_frozen(engine.module)
-            stats = train_step(ctx, engine, spec, spec.make_step(ctx, engine.module, rows))
+            stats = train_step(ctx, engine, spec, batch)
             state.step += 1
             state.loss = stats["loss"]
             state.elapsed_s = elapsed_before + time.perf_counter() - attempt_start
@@ -549,11 +544,52 @@ def run_worker(ctx: WorkerContext, spec: StageSpec, shard: Any, checkpoint: Any,
     frozen_checked = ckpt.verify_frozen(engine.module, frozen)
     export = spec.export(ctx, engine)
     worker_nodes = all_gather_strings(ctx.node_id)
+    data = [json.loads(d) for d in all_gather_strings(json.dumps(
+        {**data_path, "peak_rss_mb": round(peak_rss_mb(), 1)}))]
     if metrics is not None:
         metrics.close()
         _write_summary(ctx, state, metrics.rows, frozen_checked,
                        {"resumed_from_step": resumed_from, "worker_nodes": worker_nodes,
-                        **export})
+                        "data_path": data, **export})
+
+
+def _prepare_step(ctx: WorkerContext, spec: StageSpec, module: torch.nn.Module, rows: Any,
+                  order: np.ndarray, start: int, first_step: int, i: int) -> StepBatch:
+    """The :class:`StepBatch` of the ``i``-th step of this epoch's run (prefetch thread)."""
+    settings = ctx.settings
+    step_in_epoch = start + i
+    positions = global_positions(order, step_in_epoch, settings.global_batch_rows)
+    local = local_positions(order, step_in_epoch, ctx.rank, world_size=ctx.world_size,
+                            global_batch_rows=settings.global_batch_rows)
+    step_ctx = dataclasses.replace(ctx, step=first_step + i)
+    batch = spec.make_step(step_ctx, module, spec.decode_rows(rows.batch(local)), positions)
+    if ctx.device.type == "cuda":
+        batch.chunks = [pin_memory(chunk) for chunk in batch.chunks]
+    return batch
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MiB; Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def pin_memory(chunk: Any) -> Any:
+    """A chunk's CPU tensors in pinned memory (copied to the GPU with non_blocking)."""
+    if isinstance(chunk, dict):
+        return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v
+                for k, v in chunk.items()}
+    return chunk
+
+
+def data_group(ctx: WorkerContext) -> Any:
+    """The process group of the row exchange: gloo (CPU tensors), whatever the training
+    backend; None (the default group) when that is gloo already or there is one rank."""
+    dist = torch.distributed
+    if ctx.world_size == 1 or not dist.is_initialized() or dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
 
 
 def _write_summary(ctx: WorkerContext, state: ckpt.TrainState, rows: list[dict[str, Any]],
@@ -608,7 +644,7 @@ def resolve_use_gpu(train: TrainConfig, resource_wait_s: float) -> bool:
     return True
 
 
-def fit(spec: StageSpec, dataset: Any, run_name: str) -> Any:
+def fit(spec: StageSpec, run_name: str) -> Any:
     """Run the stage on Ray Train; returns the ``ray.train.Result``.
 
     The run is ``RunConfig(name=run_name, storage_path=<stage folder>/ray)``, with the run
@@ -622,9 +658,9 @@ def fit(spec: StageSpec, dataset: Any, run_name: str) -> Any:
     settings = spec.settings
     train = settings.train
     cpus = ray.cluster_resources().get("CPU", 0)
-    if cpus < train.num_workers * train.cpus_per_worker + 1:
-        logger.warning("the Ray cluster has %.0f CPUs now; %d workers x %.1f CPUs plus one for "
-                       "Ray Data need more: the run waits until they are available",
+    if cpus < train.num_workers * train.cpus_per_worker:
+        logger.warning("the Ray cluster has %.0f CPUs now; %d workers x %.1f CPUs need more: "
+                       "the run waits until they are available",
                        cpus, train.num_workers, train.cpus_per_worker)
     fs, path = storage.resolve(storage.join(settings.stage_dir, "ray"))
     run_config = ray.train.RunConfig(
@@ -635,31 +671,12 @@ def fit(spec: StageSpec, dataset: Any, run_name: str) -> Any:
                                       resources_per_worker=worker_resources(settings),
                                       accelerator_type=train.accelerator_type or None)
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config={"spec": spec},
-                           scaling_config=scaling, run_config=run_config,
-                           datasets={TRAIN_DATASET: dataset},
-                           dataset_config=ray.train.DataConfig(datasets_to_split=[]))
+                           scaling_config=scaling, run_config=run_config)
     start = time.perf_counter()
     result = trainer.fit()
     logger.info("%s: Ray Train run %s finished in %.1f s", settings.stage, run_name,
                 time.perf_counter() - start)
     return result
-
-
-def shard_dataset(folder: str, shards: list[str], stage: str) -> Any:
-    """A stage's input shards as a Ray Dataset. Small tables (the demo, tests) are read here
-    and handed over with ``from_arrow``: ``read_parquet`` would start a Ray worker process
-    per read task in every Train worker, which costs about a minute on a 2-core machine.
-    Larger ones are read by Ray Data (``read_parquet``) and never held by the driver."""
-    import ray.data
-
-    size = provenance.fingerprint(folder)["bytes"]
-    if size <= SMALL_INPUT_BYTES:
-        return ray.data.from_arrow([storage.read_table(uri) for uri in shards])
-    fs, first = storage.resolve(shards[0])
-    paths = [first] + [storage.resolve(uri)[1] for uri in shards[1:]]
-    logger.info("%s: %.1f GiB of input shards: read by Ray Data on the workers", stage,
-                size / 2**30)
-    return ray.data.read_parquet(paths, filesystem=fs)
 
 
 def worker_resources(settings: LoopSettings) -> dict[str, float]:
@@ -673,10 +690,9 @@ def worker_resources(settings: LoopSettings) -> dict[str, float]:
 def build_settings(config: Config, *, stage: str, folder: str, keys: tuple[str, ...],
                    optim: OptimConfig, global_batch_rows: int, sample_unit: str,
                    epochs: int = 1, max_steps: int = 0, scheduled_steps: int = 0,
-                   row_groups: tuple[int, ...] = ()) -> LoopSettings:
+                   row_groups: tuple[int, ...] = (), source: Any = None) -> LoopSettings:
     """A stage's loop settings (resolves GPU use and precision; errors name the key)."""
     from pipeline.config import ConfigError
-    from pipeline.ray_utils import progress_bars
 
     use_gpu = resolve_use_gpu(config.train, config.ray.resource_wait_s)
     try:
@@ -686,7 +702,7 @@ def build_settings(config: Config, *, stage: str, folder: str, keys: tuple[str, 
     return LoopSettings(stage=stage, stage_dir=storage.absolute_uri(folder), train=config.train,
                         optim=optim, global_batch_rows=global_batch_rows, row_keys=keys,
                         precision=precision, use_gpu=use_gpu, log_level=config.log_level,
-                        progress_bars=progress_bars(config.ray.progress_bars),
+                        source=source,
                         sample_unit=sample_unit, row_groups=row_groups, epochs=epochs,
                         max_steps=max_steps, scheduled_steps=scheduled_steps)
 

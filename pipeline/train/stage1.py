@@ -26,10 +26,12 @@ from pipeline.config import Config
 from pipeline.models.student import StudentSource
 from pipeline.train import loop
 from pipeline.train.lora import attach_lora, check_lora_only, parameter_counts, train_mode
+from pipeline.train.rows import RowBatch, RowSource
 
 logger = logging.getLogger(__name__)
 
 NUM_PROBE_GROUPS = 3
+TEACHER_COLUMNS = ("id", "texts", "teacher_emb")  # what a worker reads of a teacher row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,7 @@ class GroupIndex:
     """What the driver reads of the teacher shards before training."""
 
     keys: tuple[str, ...]        # sorted group ids
+    pointers: np.ndarray         # (G, 1) int64: shard << 32 | row of each key's group
     texts_per_group: int
     probe_texts: tuple[str, ...]
     texts: tuple[str, ...]       # every text (tiny-student tokenizer corpus)
@@ -93,27 +96,34 @@ class Stage1Spec:
         check_lora_only(module, vision_frozen=True, stage="stage 1")
 
     # -- data --------------------------------------------------------------------------------
-    def decode_rows(self, table: pa.Table) -> dict[str, TextGroup]:
-        return decode_groups(table, self.texts_per_group)
+    def decode_rows(self, batch: RowBatch) -> list[TextGroup]:
+        return list(decode_groups(batch.own, self.texts_per_group).values())
 
     def make_step(self, ctx: loop.WorkerContext, module: torch.nn.Module,
-                  rows: list[TextGroup]) -> loop.StepBatch:
-        from pipeline.losses import distillation_loss
-
+                  rows: list[TextGroup], positions: np.ndarray | None = None) -> loop.StepBatch:
         texts = [text for group in rows for text in group.texts]  # n_local, group-major
         teacher_local = torch.from_numpy(
             np.concatenate([group.teacher_emb for group in rows]).astype(np.float32))  # (n, D_t)
-        teacher_emb = loop.all_gather_no_grad(teacher_local.to(ctx.device))  # (W * n, D_t)
         chunks = [module.prepare(piece, mode="one_word")
                   for piece in loop.chunk_rows(texts, ctx.settings.train.grad_cache_chunk_size)]
-        loss_fn = functools.partial(distillation_loss, teacher_emb=teacher_emb,
-                                    temperature=self.stage1.temperature,
-                                    direction=self.stage1.kl_direction,
-                                    mask_self=self.stage1.mask_self,
-                                    reduction=self.stage1.reduction)
+        loss_fn = functools.partial(self.global_loss, teacher_local=teacher_local,
+                                    device=ctx.device)
         tokens = sum(int(chunk["attention_mask"].sum()) for chunk in chunks)
         return loop.StepBatch(chunks=chunks, loss_fn=loss_fn, num_samples=len(texts),
                               num_tokens=tokens)
+
+    def global_loss(self, student_emb: torch.Tensor, *, teacher_local: torch.Tensor,
+                    device: torch.device) -> torch.Tensor:
+        """The distillation loss of the gathered batch: gathers the teacher vectors here, on
+        the training thread (``make_step`` runs ahead in the prefetch thread)."""
+        from pipeline.losses import distillation_loss
+
+        teacher_emb = loop.all_gather_no_grad(teacher_local.to(device))  # (W * n, D_t)
+        return distillation_loss(student_emb, teacher_emb=teacher_emb,
+                                 temperature=self.stage1.temperature,
+                                 direction=self.stage1.kl_direction,
+                                 mask_self=self.stage1.mask_self,
+                                 reduction=self.stage1.reduction)
 
     def embed(self, engine: Any, chunk: dict[str, torch.Tensor]) -> torch.Tensor:
         return engine(**chunk)  # (n_chunk, D) unit rows
@@ -154,21 +164,29 @@ def read_group_texts(shards: list[str]) -> list[pa.Table]:
 
 
 def group_index(tables: list[pa.Table]) -> GroupIndex:
-    """Ids, group size, probe texts and all texts of the teacher tables."""
+    """Ids, where each group is, group size, probe texts and all texts of the teacher
+    tables (``tables[s]`` = the ``id`` and ``texts`` of shard s)."""
+    from pipeline.train.rows import pointer_codes
+
     groups: dict[str, list[str]] = {}
-    for table in tables:
-        for group_id, texts in zip(table.column("id").to_pylist(),
-                                   table.column("texts").to_pylist(), strict=True):
+    where: dict[str, int] = {}
+    for shard, table in enumerate(tables):
+        for row, (group_id, texts) in enumerate(zip(table.column("id").to_pylist(),
+                                                    table.column("texts").to_pylist(),
+                                                    strict=True)):
             if group_id in groups:
                 raise ValueError(f"duplicate text group id {group_id!r} in the teacher shards")
             groups[group_id] = texts
+            where[group_id] = int(pointer_codes(shard, row))
     sizes = {len(texts) for texts in groups.values()}
     if len(sizes) != 1:
         raise ValueError(f"text groups have different numbers of texts {sorted(sizes)}; "
                          "stage 1 needs groups of one size")
     keys = tuple(sorted(groups))
     probe = tuple(t for key in keys[:NUM_PROBE_GROUPS] for t in groups[key])
-    return GroupIndex(keys=keys, texts_per_group=sizes.pop(), probe_texts=probe,
+    pointers = np.asarray([where[key] for key in keys], dtype=np.int64).reshape(-1, 1)
+    return GroupIndex(keys=keys, pointers=pointers, texts_per_group=sizes.pop(),
+                      probe_texts=probe,
                       texts=tuple(t for key in keys for t in groups[key]))
 
 
@@ -180,9 +198,10 @@ def stop_step(config: Config, num_groups: int) -> int:
     return min(config.stage1.max_steps, total) if config.stage1.max_steps else total
 
 
-def loop_settings(config: Config, folder: str, keys: tuple[str, ...]) -> loop.LoopSettings:
+def loop_settings(config: Config, folder: str, keys: tuple[str, ...],
+                  source: RowSource | None = None) -> loop.LoopSettings:
     """The training loop's settings for stage 1 (resolves GPU use and precision)."""
-    return loop.build_settings(config, stage="stage1", folder=folder, keys=keys,
+    return loop.build_settings(config, stage="stage1", folder=folder, keys=keys, source=source,
                                optim=config.stage1.optim, epochs=config.stage1.epochs,
                                max_steps=config.stage1.max_steps,
                                global_batch_rows=config.stage1.global_batch_groups,

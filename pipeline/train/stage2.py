@@ -41,6 +41,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,7 @@ from pipeline.config import Config, ConfigError, Stage2Config
 from pipeline.models.student import StudentSource
 from pipeline.train import loop
 from pipeline.train.lora import attach_lora, check_lora_only, parameter_counts, train_mode
+from pipeline.train.rows import RowBatch, RowSource, pointer_codes, source_from_shards
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +62,11 @@ NUM_PROBE_ROWS = 4
 STAT_NAMES = ("num_candidates", "dropped_duplicate", "dropped_margin", "dropped_ratio",
               "rows_with_false_negative", "rows_short", "rows_without_negatives",
               "mean_pos_sim", "mean_neg_sim", "mean_margin")
-_COLUMNS = ("id", "qry_text", "qry_image", "pos_text", "pos_image", "pos_key", "neg_text",
-            "neg_image", "neg_key", "given_neg_text", "given_neg_image")
+PAIR_COLUMNS = ("id", "qry_text", "qry_image", "pos_text", "pos_image", "pos_key", "neg_text",
+                "neg_image")  # what a worker reads of a pair's own row of the pairs table
+TARGET_COLUMNS = ("pos_text", "pos_image", "pos_key")  # of a mined negative's target row
+REFERENCE_COLUMNS = ["id", "dataset", "pair_shard", "pair_row", "neg_shard", "neg_row",
+                     "num_given"]  # what the driver reads of the mined table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,25 +103,29 @@ def _given_key(text: str, image: bytes | None, positive: Side, pos_image: bytes 
     return key_code(digest)
 
 
-def decode_pairs(table: pa.Table, *, mined_negatives: int,
-                 given_negatives: int) -> dict[str, PairRow]:
-    """``mined`` rows -> {id: PairRow} with the first ``mined_negatives`` mined and the
-    first ``given_negatives`` given negatives of each row."""
-    cols = {name: table.column(name).to_pylist() for name in _COLUMNS}
-    out: dict[str, PairRow] = {}
+def decode_pairs(own: pa.Table, negatives: pa.Table, negative_counts: Sequence[int], *,
+                 given_negatives: int) -> list[PairRow]:
+    """Pairs rows (``PAIR_COLUMNS``) and their mined negatives' target rows
+    (``TARGET_COLUMNS``, row after row, ``negative_counts[i]`` for row i, best first) ->
+    PairRows with those mined and the first ``given_negatives`` given negatives."""
+    cols = {name: own.column(name).to_pylist() for name in PAIR_COLUMNS}
+    neg = {name: negatives.column(name).to_pylist() if negatives.num_rows else []
+           for name in TARGET_COLUMNS}
+    out, offset = [], 0
     for i, row_id in enumerate(cols["id"]):
         pos_image = cols["pos_image"][i]
         query = Side(cols["qry_text"][i], cols["qry_image"][i] or None, 0)
         positive = Side(cols["pos_text"][i], pos_image or None, key_code(cols["pos_key"][i]))
-        negatives = [Side(text, image or None, key_code(key)) for text, image, key in zip(
-            cols["neg_text"][i][:mined_negatives], cols["neg_image"][i][:mined_negatives],
-            cols["neg_key"][i][:mined_negatives], strict=True)]
-        given = zip(cols["given_neg_text"][i][:given_negatives],
-                    cols["given_neg_image"][i][:given_negatives], strict=True)
-        negatives += [Side(text, image or None, _given_key(text, image or None, positive,
-                                                           pos_image or None))
-                      for text, image in given]
-        out[row_id] = PairRow(row_id, query, positive, tuple(negatives))
+        mined = range(offset, offset + int(negative_counts[i]))
+        offset += len(mined)
+        sides = [Side(neg["pos_text"][j], neg["pos_image"][j] or None,
+                      key_code(neg["pos_key"][j])) for j in mined]
+        given = zip(cols["neg_text"][i][:given_negatives],
+                    cols["neg_image"][i][:given_negatives], strict=True)
+        sides += [Side(text, image or None, _given_key(text, image or None, positive,
+                                                       pos_image or None))
+                  for text, image in given]
+        out.append(PairRow(row_id, query, positive, tuple(sides)))
     return out
 
 
@@ -144,6 +153,15 @@ def flatten_rows(rows: list[PairRow], *, rank: int, negative_slots: int,
     return items, np.asarray(layout, dtype=np.int64).reshape(-1, 4)
 
 
+def sort_items(items: list[Side], layout: np.ndarray) -> tuple[list[Side], np.ndarray]:
+    """Items (and their layout rows) ordered by modality, then text length: the gradient
+    cache's chunks then hold items of one kind and similar length (less padding). The loss
+    reads the layout, so any order gives the same loss."""
+    order = sorted(range(len(items)), key=lambda i: (items[i].image is not None,
+                                                     len(items[i].text)))
+    return [items[i] for i in order], layout[order]
+
+
 def global_loss(global_emb: torch.Tensor, *, layout: torch.Tensor, num_rows: int,
                 negative_slots: int, stage2: Stage2Config, mode: str | None = None,
                 negatives: str | None = None,
@@ -157,11 +175,9 @@ def global_loss(global_emb: torch.Tensor, *, layout: torch.Tensor, num_rows: int
     from pipeline.losses import hard_negative_loss
 
     kind, row, slot, key = layout.to(global_emb.device).unbind(1)  # (N,) each
-    is_query, is_positive = kind == KIND_QUERY, kind == KIND_POSITIVE  # (N,)
-    expected = torch.arange(num_rows, device=row.device)  # (B,)
-    if not (torch.equal(row[is_query], expected) and torch.equal(row[is_positive], expected)):
-        raise RuntimeError("stage 2: gathered queries/positives are not in global row order")
-    q_emb, pos_emb = global_emb[is_query], global_emb[is_positive]  # (B, D), (B, D)
+    queries = _in_row_order(kind, row, KIND_QUERY, num_rows)     # (B,)
+    positives = _in_row_order(kind, row, KIND_POSITIVE, num_rows)  # (B,)
+    q_emb, pos_emb = global_emb[queries], global_emb[positives]  # (B, D), (B, D)
     negatives = negatives or stage2.negatives
     neg = {}
     if negative_slots and negatives != "batch":
@@ -177,7 +193,7 @@ def global_loss(global_emb: torch.Tensor, *, layout: torch.Tensor, num_rows: int
             where, torch.ones_like(idx, dtype=torch.bool))  # (B, M)
     negatives = negatives if neg else "batch"
     loss, stats = hard_negative_loss(
-        q_emb, pos_emb, pos_keys=key[is_positive], negatives=negatives,
+        q_emb, pos_emb, pos_keys=key[positives], negatives=negatives,
         num_hard_negatives=stage2.num_hard_negatives, temperature=stage2.temperature,
         fn_margin=stage2.fn_margin, fn_ratio=stage2.fn_ratio, mode=mode or stage2.mode, **neg)
     if metrics is not None:
@@ -188,6 +204,31 @@ def global_loss(global_emb: torch.Tensor, *, layout: torch.Tensor, num_rows: int
     return loss
 
 
+def _in_row_order(kind: torch.Tensor, row: torch.Tensor, which: int,
+                  num_rows: int) -> torch.Tensor:
+    """(B,) item indices of kind ``which`` ordered by global row; each row exactly once."""
+    index = (kind == which).nonzero().squeeze(1)  # (B,)
+    index = index[torch.argsort(row[index])]
+    if not torch.equal(row[index], torch.arange(num_rows, device=row.device)):
+        raise RuntimeError("stage 2: the gathered items do not hold each row's query and "
+                           "positive once")
+    return index
+
+
+def gathered_loss(global_emb: torch.Tensor, *, layout: torch.Tensor, device: torch.device,
+                  **kwargs: Any) -> torch.Tensor:
+    """:func:`global_loss` after gathering every rank's item layout (on the training
+    thread: ``make_step`` runs ahead in the prefetch thread)."""
+    global_layout = loop.all_gather_no_grad(layout.to(device))  # (N, 4)
+    return global_loss(global_emb, layout=global_layout, **kwargs)
+
+
+def padding_ratio(chunks: list[dict[str, torch.Tensor]]) -> float:
+    """Positions embedded / real tokens over the chunks (1.0 = no padding)."""
+    real = sum(int(chunk["attention_mask"].sum()) for chunk in chunks)
+    return sum(chunk["attention_mask"].numel() for chunk in chunks) / max(1, real)
+
+
 # -- the stage plug-in -----------------------------------------------------------------------------
 class Stage2Spec:
     """:class:`pipeline.train.loop.StageSpec` of stage 2."""
@@ -195,8 +236,10 @@ class Stage2Spec:
     key_column = "id"
 
     def __init__(self, settings: loop.LoopSettings, *, init: StudentSource,
-                 config: Config, probe_rows: list[PairRow]) -> None:
+                 config: Config, probe_rows: list[PairRow],
+                 row_negatives: np.ndarray | None = None) -> None:
         self.settings = settings
+        self.row_negatives = row_negatives  # (N,) negatives each sorted key carries
         self.init = init
         self.stage2 = config.stage2
         self.export_dtype = loop.export_dtype(settings.precision, config.model.dtype)
@@ -243,31 +286,41 @@ class Stage2Spec:
         check_lora_only(module, vision_frozen=self.vision_frozen, stage="stage 2")
 
     # -- data --------------------------------------------------------------------------------
-    def decode_rows(self, table: pa.Table) -> dict[str, PairRow]:
-        return decode_pairs(table, mined_negatives=self.stage2.mined_negatives,
+    def decode_rows(self, batch: RowBatch) -> list[PairRow]:
+        return decode_pairs(batch.own, batch.refs, batch.ref_counts,
                             given_negatives=self.stage2.given_negatives)
 
     def make_step(self, ctx: loop.WorkerContext, module: torch.nn.Module,
-                  rows: list[PairRow]) -> loop.StepBatch:
+                  rows: list[PairRow], positions: np.ndarray | None = None) -> loop.StepBatch:
         mode, negatives = self.loss_mode(ctx.step), self.negatives_at(ctx.step)
         slots = self.slots_for(negatives)
-        local_items = 2 * len(rows) + sum(min(len(r.negatives), slots) for r in rows)
-        num_items = max(loop.all_gather_ints(local_items, ctx))  # same on every rank
         items, layout = flatten_rows(rows, rank=ctx.rank, negative_slots=slots,
-                                     num_items=num_items)
-        global_layout = loop.all_gather_no_grad(torch.from_numpy(layout).to(ctx.device))
+                                     num_items=self.num_items(ctx, rows, positions, slots))
+        items, layout = sort_items(items, layout)
         chunks = [module.prepare([item.text for item in piece], [item.image for item in piece],
                                  mode=self.stage2.prompt_mode)
                   for piece in loop.chunk_rows(items, ctx.settings.train.grad_cache_chunk_size)]
-        metrics: dict[str, float] = {}
-        loss_fn = functools.partial(global_loss, layout=global_layout,
-                                    num_rows=len(rows) * ctx.world_size, negative_slots=slots,
-                                    stage2=self.stage2, mode=mode, negatives=negatives,
-                                    metrics=metrics)
+        metrics: dict[str, float] = {"pad_ratio": padding_ratio(chunks)}
+        loss_fn = functools.partial(gathered_loss, layout=torch.from_numpy(layout),
+                                    device=ctx.device, num_rows=len(rows) * ctx.world_size,
+                                    negative_slots=slots, stage2=self.stage2, mode=mode,
+                                    negatives=negatives, metrics=metrics)
         tokens = sum(int(chunk["attention_mask"].sum()) for chunk in chunks)
         real = int((layout[:, 0] != KIND_PADDING).sum())
         return loop.StepBatch(chunks=chunks, loss_fn=loss_fn, num_samples=real,
                               num_tokens=tokens, metrics=metrics)
+
+    def num_items(self, ctx: loop.WorkerContext, rows: list[PairRow],
+                  positions: np.ndarray | None, slots: int) -> int:
+        """Items every rank embeds this step (the largest rank's count; the others pad):
+        computed from every rank's rows' negative counts, so no collective is needed."""
+        if positions is None or self.row_negatives is None:
+            if ctx.world_size > 1:
+                raise ValueError("stage 2 on several ranks needs the batch's positions and "
+                                 "the rows' negative counts")
+            return 2 * len(rows) + sum(min(len(r.negatives), slots) for r in rows)
+        per_rank = np.minimum(self.row_negatives[positions], slots).reshape(ctx.world_size, -1)
+        return int(2 * per_rank.shape[1] + per_rank.sum(axis=1).max())
 
     def loss_mode(self, step: int) -> str:
         """``full_batch`` during the InfoNCE warm-up (steps done < infonce_warmup_steps),
@@ -300,18 +353,44 @@ class Stage2Spec:
 
 
 # -- the driver's reads ---------------------------------------------------------------------------
-def pair_keys(shards: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Sorted pair ids of the mined shards (unique) and each one's dataset."""
-    dataset_of: dict[str, str] = {}
-    for uri in shards:
-        table = storage.read_table(uri, columns=["id", "dataset"])
-        for pair_id, dataset in zip(table.column("id").to_pylist(),
-                                    table.column("dataset").to_pylist(), strict=True):
-            if pair_id in dataset_of:
-                raise ValueError(f"duplicate pair id {pair_id!r} in the mine_negatives shards")
-            dataset_of[pair_id] = dataset
-    keys = tuple(sorted(dataset_of))
-    return keys, tuple(dataset_of[key] for key in keys)
+@dataclasses.dataclass(frozen=True)
+class MinedIndex:
+    """What the driver reads of the mined table: small columns only."""
+
+    keys: tuple[str, ...]        # sorted pair ids
+    datasets: tuple[str, ...]    # each key's dataset
+    pointers: np.ndarray         # (N, 1 + mined_negatives) codes into the pairs shards
+    row_negatives: np.ndarray    # (N,) negatives each key carries (mined + given, capped)
+
+
+def read_mined_index(shards: list[str], *, mined_negatives: int,
+                     given_negatives: int) -> MinedIndex:
+    """The keys of the mined shards (unique), their datasets and where their pair and their
+    first ``mined_negatives`` negatives are in the pairs table."""
+    tables = [storage.read_table(uri, columns=REFERENCE_COLUMNS) for uri in shards]
+    table = pa.concat_tables(tables) if tables else pa.table(
+        {c: [] for c in REFERENCE_COLUMNS})
+    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
+    order = np.argsort(ids, kind="stable")
+    ids = ids[order]
+    if len(ids) > 1 and (dup := ids[1:][ids[1:] == ids[:-1]]).size:
+        raise ValueError(f"duplicate pair id {dup[0]!r} in the mine_negatives shards")
+    own = pointer_codes(table.column("pair_shard").to_numpy(), table.column("pair_row").to_numpy())
+    negs = np.full((table.num_rows, mined_negatives), -1, dtype=np.int64)
+    for i, (shards_i, rows_i) in enumerate(zip(table.column("neg_shard").to_pylist(),
+                                                table.column("neg_row").to_pylist(), strict=True)):
+        n = min(len(shards_i), mined_negatives)
+        negs[i, :n] = pointer_codes(shards_i[:n], rows_i[:n])
+    given = np.minimum(table.column("num_given").to_numpy(), given_negatives)
+    pointers = np.concatenate([own[:, None], negs], axis=1)[order]  # (N, 1 + M)
+    carried = ((pointers[:, 1:] >= 0).sum(axis=1) + given[order]).astype(np.int64)
+    datasets = np.asarray(table.column("dataset").to_pylist(), dtype=object)[order]
+    return MinedIndex(tuple(ids.tolist()), tuple(datasets.tolist()), pointers, carried)
+
+
+def pairs_source(pairs_shards: list[str], index: MinedIndex) -> RowSource:
+    """Where a worker reads each pair and its negatives' targets (the pairs table)."""
+    return source_from_shards(pairs_shards, PAIR_COLUMNS, index.pointers, TARGET_COLUMNS)
 
 
 def check_batch_groups(config: Config, pairs_per_dataset: dict[str, int]) -> None:
@@ -338,11 +417,16 @@ def batch_groups(config: Config, datasets: tuple[str, ...]) -> tuple[int, ...]:
     return tuple(index[name] for name in datasets)
 
 
-def probe_rows(shards: list[str]) -> list[PairRow]:
-    """The first rows of the first shard: the export check's probe."""
-    table = storage.read_table(shards[0]).slice(0, NUM_PROBE_ROWS)
-    rows = decode_pairs(table, mined_negatives=0, given_negatives=0)
-    return [rows[i] for i in table.column("id").to_pylist()]
+def probe_rows(source: RowSource) -> list[PairRow]:
+    """The pairs of the first sorted keys: the export check's probe."""
+    from pipeline.data.mined import read_rows
+
+    codes = source.pointers[:NUM_PROBE_ROWS, 0]
+    folder = source.shards[0].rsplit("/", 1)[0]
+    table = read_rows(folder, np.stack([codes >> 32, codes & 0xFFFFFFFF], axis=1),
+                      list(PAIR_COLUMNS))
+    return decode_pairs(table, table.slice(0, 0).select([]), [0] * table.num_rows,
+                        given_negatives=0)
 
 
 def hard_negative_summary(stage_dir: str) -> dict[str, Any]:
