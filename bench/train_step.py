@@ -24,7 +24,7 @@ chosen). Three modes on the same global batch of ``--pairs`` pairs:
 - ``in_batch``: ``stage2.negatives=batch``, queries + positives only, plain step;
 - ``mined``: ``negatives=both`` with ``--mined`` negatives per row (given 0), plain step;
 - ``mined_grad_cache``: as ``mined`` with the gradient cache (chunks of ``--stage2-chunk``
-  items; the flat item list is chunked as it is).
+  items; the flat item list sorted by modality and length, then chunked).
 
 Items = queries + positives + negatives embedded. ``hard_negative_cost_ratio`` = step time
 mined / in_batch (cost per pair of carrying the negatives), ``grad_cache_overhead_ratio``
@@ -322,20 +322,22 @@ def bench_stage1(args: argparse.Namespace, config: Config, student: StudentSourc
 
 
 # -- stage 2 ----------------------------------------------------------------------------------------
-def mined_table(world: DemoWorldFiles, config: Config, *, mined: int, seed: int = 0) -> pa.Table:
-    """The demo's MMEB-train pairs as a ``mined`` table: validated and packed by the data
-    step's own functions; each row's negatives = ``mined`` other targets of its set with
-    distinct content keys (random choice); its given negative kept as the data gives it."""
+def mined_table(world: DemoWorldFiles, config: Config, *, mined: int,
+                seed: int = 0) -> tuple[pa.Table, pa.Table]:
+    """The demo's MMEB-train pairs (``PAIR_COLUMNS`` + dataset), validated and packed by the
+    data step's own functions, and their negatives' target rows (``TARGET_COLUMNS``,
+    ``mined`` per pair, row after row): other targets of its set with distinct content
+    keys (random choice); its given negative kept as the data gives it."""
     from pipeline.data.prepare import pack_options
     from pipeline.data.readers import read_mmeb_train
-    from pipeline.data.schemas import MINED
     from pipeline.data.validate import ImageLoader, validate_pair
+    from pipeline.train.stage2 import PAIR_COLUMNS, TARGET_COLUMNS
 
     loader = ImageLoader(pack_options(config))
     raws = read_mmeb_train(str(world.mmeb_train_dir), str(world.root))
     pairs = [validate_pair(raw, loader, config.data.max_text_chars) for raw in raws]
     rng = np.random.default_rng(seed)
-    rows = []
+    negatives = []
     for pair in pairs:
         same_set = [p for p in pairs if p["dataset"] == pair["dataset"]]
         targets: dict[str, dict] = {}
@@ -346,25 +348,22 @@ def mined_table(world: DemoWorldFiles, config: Config, *, mined: int, seed: int 
         chosen = list(targets.values())[:mined]
         if len(chosen) < mined:
             raise ValueError(f"{pair['dataset']}: only {len(chosen)} distinct other targets")
-        rows.append({
-            **{k: pair[k] for k in ("id", "dataset", "source", "qry_text", "qry_image",
-                                    "pos_text", "pos_image", "pos_key")},
-            "given_neg_text": pair["neg_text"], "given_neg_image": pair["neg_image"],
-            "neg_text": [t["pos_text"] for t in chosen],
-            "neg_image": [t["pos_image"] for t in chosen],
-            "neg_key": [t["pos_key"] for t in chosen],
-            "neg_score": [0.0] * mined, "pos_score": 0.0, "n_false_neg_dropped": 0,
-            "n_duplicate_dropped": 0, "short": False})
-    return pa.Table.from_pylist(rows, schema=MINED)
+        negatives += [{k: t[k] for k in TARGET_COLUMNS} for t in chosen]
+    own = pa.Table.from_pylist([{k: p[k] for k in (*PAIR_COLUMNS, "dataset")} for p in pairs])
+    return own, pa.Table.from_pylist(negatives)
 
 
-def demo_batch(table: pa.Table, *, pairs: int, mined: int, seed: int = 0) -> list[PairRow]:
+def demo_batch(tables: tuple[pa.Table, pa.Table], *, pairs: int, mined: int,
+               seed: int = 0) -> list[PairRow]:
     """One global batch of ``pairs`` rows: the sets taken in turn, then shuffled."""
-    decoded = decode_pairs(table, mined_negatives=mined, given_negatives=0)
+    own, negatives = tables
+    per_row = negatives.num_rows // own.num_rows
+    keep = np.arange(negatives.num_rows) % per_row < mined  # the first ``mined`` of each row
+    decoded = decode_pairs(own, negatives.filter(pa.array(keep)), [mined] * own.num_rows,
+                           given_negatives=0)
     by_set: dict[str, list[PairRow]] = {}
-    for row_id, dataset in zip(table.column("id").to_pylist(),
-                               table.column("dataset").to_pylist(), strict=True):
-        by_set.setdefault(dataset, []).append(decoded[row_id])
+    for row, dataset in zip(decoded, own.column("dataset").to_pylist(), strict=True):
+        by_set.setdefault(dataset, []).append(row)
     interleaved = [row for group in zip(*by_set.values(), strict=False) for row in group]
     if len(interleaved) < pairs:
         raise ValueError(f"{len(interleaved)} balanced pairs < --pairs {pairs}")

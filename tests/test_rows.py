@@ -84,6 +84,21 @@ def test_assign_shards_balances_rows_deterministically() -> None:
     assert max(loads) - min(loads) <= rows.max() and two == assign_shards(rows, 2)
 
 
+def test_sources_weigh_shards_by_their_bytes(tmp_path: pathlib.Path) -> None:
+    from pipeline.train.rows import source_from_shards
+
+    uris = write_shards(tmp_path)
+    plain = make_source(uris)
+    source = source_from_shards(uris, plain.columns, plain.pointers, plain.ref_columns)
+    assert source.shard_bytes == tuple(os.path.getsize(uri) for uri in uris)
+    np.testing.assert_array_equal(source.shard_weights(), source.shard_bytes)
+    valid = plain.pointers[plain.pointers >= 0]  # no sizes: the rows (and refs) pointed at
+    np.testing.assert_array_equal(plain.shard_weights(), np.bincount(valid >> 32))
+    unused = source_from_shards(uris, plain.columns, plain.pointers[plain.pointers[:, 0]
+                                                                    >> 32 != 2][:, :1])
+    assert unused.shard_weights()[2] == 0  # a shard no row points at is never read
+
+
 def test_one_rank_reads_everything_it_needs_once(tmp_path: pathlib.Path) -> None:
     source = make_source(write_shards(tmp_path))
     positions = np.arange(0, len(source.pointers), 3)

@@ -55,11 +55,16 @@ class RowSource:
     columns: tuple[str, ...]        # read for a row of the stage
     ref_columns: tuple[str, ...]    # read for a row another row refers to
     pointers: np.ndarray            # (N, 1 + E) int64 codes, per sorted key; -1 = none
+    shard_bytes: tuple[int, ...] = ()  # file size of each shard (balances the reads)
 
-    def shard_rows(self) -> np.ndarray:
-        """(S,) rows of each shard the source points at (the balance of the reads)."""
+    def shard_weights(self) -> np.ndarray:
+        """(S,) what each shard weighs in the read assignment: its bytes (else its rows the
+        source points at); 0 = no row of it is pointed at, never read."""
         valid = self.pointers[self.pointers >= 0]
-        return np.bincount(valid >> ROW_BITS, minlength=len(self.shards))
+        rows = np.bincount(valid >> ROW_BITS, minlength=len(self.shards))
+        if len(self.shard_bytes) != len(self.shards):
+            return rows
+        return np.where(rows > 0, np.maximum(np.asarray(self.shard_bytes, np.int64), 1), 0)
 
 
 @dataclasses.dataclass
@@ -119,15 +124,15 @@ class _CodeIndex:
         return pa.array(self.order[at])
 
 
-def assign_shards(shard_rows: np.ndarray, world_size: int) -> list[list[int]]:
-    """Shards per rank: largest first to the least loaded rank (ties: lowest rank), so each
-    rank reads about 1/W of the rows; shards without rows are read by no one."""
+def assign_shards(weights: np.ndarray, world_size: int) -> list[list[int]]:
+    """Shards per rank: heaviest first to the least loaded rank (ties: lowest rank), so each
+    rank reads about 1/W of the bytes; shards of weight 0 are read by no one."""
     load = np.zeros(world_size, dtype=np.int64)
     assignment: list[list[int]] = [[] for _ in range(world_size)]
-    for shard in sorted(np.flatnonzero(shard_rows), key=lambda s: (-shard_rows[s], s)):
+    for shard in sorted(np.flatnonzero(weights), key=lambda s: (-weights[s], s)):
         rank = int(np.argmin(load))
         assignment[rank].append(int(shard))
-        load[rank] += shard_rows[shard]
+        load[rank] += weights[shard]
     return [sorted(shards) for shards in assignment]
 
 
@@ -146,7 +151,7 @@ def exchange_epoch(source: RowSource, wanted: Sequence[np.ndarray], rank: int, *
     start = time.perf_counter()
     world_size = len(wanted)
     needs = [needed_pointers(source, positions) for positions in wanted]
-    mine = assign_shards(source.shard_rows(), world_size)
+    mine = assign_shards(source.shard_weights(), world_size)
     rounds = max(len(shards) for shards in mine)
     got: dict[str, list[pa.Table]] = collections.defaultdict(list)
     bytes_read = 0
@@ -225,9 +230,16 @@ def _concat(pieces: list[pa.Table], columns: tuple[str, ...]) -> pa.Table:
 
 def source_from_shards(shards: Sequence[str], columns: Sequence[str], pointers: np.ndarray,
                        ref_columns: Sequence[str] = ()) -> RowSource:
-    """A :class:`RowSource` over ``shards`` (a pointer's shard = its position here)."""
-    return RowSource(tuple(storage.absolute_uri(uri) for uri in shards), tuple(columns),
-                     tuple(ref_columns), np.asarray(pointers, dtype=np.int64))
+    """A :class:`RowSource` over ``shards`` (a pointer's shard = its position here), with
+    their file sizes (one listing call)."""
+    uris = tuple(storage.absolute_uri(uri) for uri in shards)
+    sizes: tuple[int, ...] = ()
+    if uris:
+        paths = [storage.resolve(uri)[1] for uri in uris]
+        sizes = tuple(int(info.size or 0) for info in storage.call(
+            "stat", uris[0], lambda fs_, _path: fs_.get_file_info(paths)))
+    return RowSource(uris, tuple(columns), tuple(ref_columns),
+                     np.asarray(pointers, dtype=np.int64), sizes)
 
 
 # -- prefetch -----------------------------------------------------------------------------------
