@@ -127,8 +127,9 @@ def target_vectors(dataset: int, targets: np.ndarray, dim: int) -> np.ndarray:
 def build_world(root: str, n: int, dim: int, address: str) -> dict[str, Any]:
     """Pairs shards + manifests, embeddings shards (the embed phase done), a miner folder."""
     from pipeline.config import load_config
-    from pipeline.data.schemas import PAIRS, embeddings_schema, vector_array
+    from pipeline.data.schemas import PAIRS, embeddings_schema
     from pipeline.steps import base
+    from pipeline.steps.mine_negatives import EMBEDDINGS_ROW_GROUP_ROWS, embeddings_table
 
     config = load_config(DEMO, overrides(root, address))
     images, per_dataset = png_pool(), n // len(DATASETS)
@@ -150,14 +151,11 @@ def build_world(root: str, n: int, dim: int, address: str) -> dict[str, Any]:
             first = np.flatnonzero(idx % 10 != 9)  # targets first seen here (i-1 was before)
             pos = target_vectors(dataset, targets, dim)                         # (R, dim)
             queries = unit(pos + 0.9 * unit(rng.standard_normal(pos.shape)))   # (R, dim)
-            kinds = ["query"] * len(rows) + ["target"] * len(first)
-            table = pa.table({
-                "kind": kinds, "dataset": [DATASETS[dataset]] * len(kinds),
-                "key": [r["id"] for r in rows] + [rows[i]["pos_key"] for i in first],
-                "row": pa.array(list(range(len(rows))) + first.tolist(), pa.int32()),
-                "emb": vector_array(np.concatenate([queries, pos[first]]).astype(np.float16))},
-                schema=embed.schema)
-            embed.write_shard(shard, table, [])
+            items = [("query", i) for i in range(len(rows))] + [("target", int(i))
+                                                                 for i in first]
+            table = embeddings_table(rows, items, np.concatenate([queries, pos[first]]),
+                                     embed.schema)  # as the embed actors write it
+            embed.write_shard(shard, table, [], row_group_size=EMBEDDINGS_ROW_GROUP_ROWS)
             shard += 1
     manifest = {"rows_in": 4 * per_dataset, "rows_out": 4 * per_dataset, "rows_rejected": 0,
                 "num_shards": shard, "seconds": 0.0, "config_hash": "bench"}

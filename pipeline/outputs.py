@@ -126,14 +126,14 @@ class ShardedOutput:
         return {i for i in data & rejects if i < num_shards}
 
     def write_shard(self, index: int, rows: list[dict[str, Any]] | pa.Table,
-                    rejects: list[dict[str, Any]]) -> None:
+                    rejects: list[dict[str, Any]], *, row_group_size: int | None = None) -> None:
         """Write the rejects, then the rows (atomically each): the data file marks done."""
         storage.write_table(pa.Table.from_pylist(rejects, schema=REJECTS), self.reject_uri(index))
         table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, self.schema)
         if not table.schema.equals(self.schema):
             raise ValueError(f"shard {index} of {self.folder}: schema {table.schema} differs "
                              f"from {self.schema}")
-        storage.write_table(table, self.shard_uri(index))
+        storage.write_table(table, self.shard_uri(index), row_group_size=row_group_size)
 
     def shard_counts(self, index: int) -> tuple[int, collections.Counter]:
         """(rows out, rejects per reason) of a written shard, read from its files."""

@@ -397,9 +397,9 @@ def write_json(uri: str, obj: Any) -> None:
     write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def _parquet_bytes(table: pa.Table, row_group_size: int | None = None) -> bytes:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", row_group_size=row_group_size)
     return sink.getvalue().to_pybytes()
 
 
@@ -415,9 +415,10 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
         raise StorageError(f"{uri}: cannot read as parquet: {err}") from err
 
 
-def write_table(table: pa.Table, uri: str) -> None:
-    """Write ``table`` as one zstd parquet file, atomically."""
-    write_bytes(uri, _parquet_bytes(table))
+def write_table(table: pa.Table, uri: str, *, row_group_size: int | None = None) -> None:
+    """Write ``table`` as one zstd parquet file, atomically (row groups of
+    ``row_group_size`` rows; None = pyarrow's default)."""
+    write_bytes(uri, _parquet_bytes(table, row_group_size))
 
 
 def upload_folder(local_dir: str, uri: str, *, last: str | None = None) -> str:

@@ -533,12 +533,13 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_mining_modules_import_without_cycles():
     modules = _mining_modules()
-    assert {f"{PACKAGE}.{name}" for name in ("common", "filters", "ivf", "recall",
+    assert {f"{PACKAGE}.{name}" for name in ("blocks", "common", "filters", "ivf", "recall",
                                                 "search")} <= modules
     graph = {name: _mining_imports(name) - {name} for name in sorted(modules)}
     # The parser sees the imports it must (so an empty graph cannot pass by accident) ...
     assert f"{PACKAGE}.ivf" in graph[f"{PACKAGE}.search"]
     assert f"{PACKAGE}.search" in graph[f"{PACKAGE}.recall"]
+    assert f"{PACKAGE}.blocks" in graph[f"{PACKAGE}.exact"]
     assert graph[PACKAGE] == modules - {PACKAGE}
     # ... the check finds the cycle the package used to have (ivf <-> search) ...
     assert _cycle(graph | {f"{PACKAGE}.ivf": {f"{PACKAGE}.search"}}) is not None
@@ -549,7 +550,7 @@ def test_mining_modules_import_without_cycles():
 
 def test_package_exports_the_public_names():
     assert set(pipeline.mining.__all__) == {
-        "COUNT_KEYS", "FAISS_GPU_MAX_K", "MinedNegatives", "NegativeSelection", "SearchResult",
+        "BlockSource", "CandidateBlock", "search_blocks", "COUNT_KEYS", "FAISS_GPU_MAX_K", "MinedNegatives", "NegativeSelection", "SearchResult",
         "build_ivf_index", "estimate_recall", "faiss_gpu_available", "measure_recall",
         "mine_within_groups", "resolve_backend", "search_topk", "search_within_groups",
         "select_negatives", "summarize_counts"}

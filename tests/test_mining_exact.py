@@ -18,6 +18,10 @@ def unit(rows: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def world() -> dict[str, np.ndarray]:
+    return build_world()
+
+
+def build_world() -> dict[str, np.ndarray]:
     """Two groups (300 and 40 candidates); each query's positive is a candidate of its
     group at a chosen rank of the query's own ranking: rank 0 (easy), or deep (weak: every
     candidate above it by more than the margin comes first)."""

@@ -74,6 +74,7 @@ def test_mining_matches_brute_force_on_s3(ray_local, s3_bucket, miner):
     mined = rows_of(folder)
     assert manifest["rows_in"] == len(pairs) == manifest["rows_out"] + manifest["rows_rejected"]
     assert manifest["rows_rejected"] == 0 and len(mined) == len(pairs)
+    assert manifest["search_task_peak_rss_mb"] > 0
     for uri in outputs.shard_uris(folder):
         fs, path = storage.resolve(uri)
         assert pa.parquet.read_schema(path, filesystem=fs).equals(MINED, check_metadata=False)

@@ -1,6 +1,14 @@
-"""The mining step's tables (work of :mod:`pipeline.steps.mine_negatives`): the distinct
-targets read back from the ``embeddings`` shards, the negatives' payloads read from the pairs
-shards, the ``mined`` rows, and per-dataset statistics of the filters with their plot.
+"""The mining step's tables (work of :mod:`pipeline.steps.mine_negatives`): the index of the
+distinct targets read from the small columns of the ``embeddings`` shards, their vectors
+streamed back block by block for a search task, the ``mined`` rows and their payloads read
+from the pairs shards, and per-dataset statistics of the filters with their plot.
+
+Target vectors are never gathered in one place: :func:`load_target_index` reads ``kind``,
+``dataset``, ``key`` and ``row`` only (the driver's :class:`TargetIndex`), and
+:func:`target_blocks` / :func:`iter_target_blocks` read, for one search pass, only the Parquet
+row groups that hold the vectors of the groups it needs (the embeddings shards are sorted by
+kind and dataset), one block at a time. :func:`read_target_matrix` assembles a whole matrix
+for the approximate (IVF) search only.
 
 The search and the false-negative filter themselves are :mod:`pipeline.mining` (arrays in,
 arrays out); this module is where they meet files. The ``mined`` table keeps the negatives by
@@ -10,29 +18,74 @@ shows them.
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline import outputs, storage
 from pipeline.data.schemas import PAIRS, vectors_numpy
 
+if TYPE_CHECKING:
+    from pipeline.mining import CandidateBlock
+
 HISTOGRAM_BINS = np.linspace(-1.0, 1.0, 41)
+INDEX_COLUMNS = ["kind", "dataset", "key", "row"]  # what the driver reads of the embeddings
 
 
 @dataclass
 class TargetIndex:
-    """Every distinct target: its vector, group, content key and where its payload is."""
+    """Every distinct target WITHOUT its vector: the driver's index, and (restricted to its
+    groups by :meth:`select`) what a search task receives. A target's id is its position
+    here; ids run in embeddings shard order, then file row order. Embeddings shard i and
+    pairs shard i hold the same pairs (``part-i`` of both folders)."""
 
-    emb: np.ndarray            # (C, D) float32, unit rows
-    groups: np.ndarray         # (C,) dataset names (or one group for scope=global)
+    datasets: np.ndarray       # (C,) dataset names
     keys: np.ndarray           # (C,) content keys
-    location: np.ndarray       # (C, 2) int64: pairs shard, row
-    row_of: dict[tuple[str, str], int]  # (dataset, key) -> target row
+    location: np.ndarray       # (C, 2) int64: pairs (= embeddings) shard, row in the pairs shard
+    vector_row: np.ndarray     # (C,) int64: row of the target's vector in its embeddings file
+    scope: str                 # "dataset": search groups are datasets; "global": one group
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+    @property
+    def groups(self) -> np.ndarray:
+        """(C,) search group of each target: its dataset, or "all" for scope=global."""
+        if self.scope == "dataset":
+            return self.datasets
+        return np.full(len(self), "all", dtype=object)
+
+    def select(self, datasets: list[str]) -> TargetIndex:
+        """The targets a search of queries from ``datasets`` can return (all of them for
+        scope=global), renumbered from 0 in the same order."""
+        if self.scope != "dataset":
+            return self
+        keep = np.isin(self.datasets, np.asarray(list(datasets), dtype=object))  # (C,)
+        return TargetIndex(self.datasets[keep], self.keys[keep], self.location[keep],
+                           self.vector_row[keep], self.scope)
+
+    def ids_of(self, datasets: list[str], keys: list[str]) -> np.ndarray:
+        """(n,) int64 ids of the targets (dataset, key), -1 where there is none."""
+        def joint(names: Any, values: Any) -> pa.Array:
+            return pc.binary_join_element_wise(pa.array(names, pa.string()),
+                                               pa.array(values, pa.string()), "\x1f")
+
+        found = pc.index_in(joint(datasets, keys), value_set=joint(self.datasets, self.keys))
+        return found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def key_codes(self) -> np.ndarray:
+        """(C,) int64 codes of the content keys: equal code = equal key (what the duplicate
+        and repeat filters compare, cheaper than strings)."""
+        codes = pa.array(self.keys, pa.string()).dictionary_encode().indices
+        return codes.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def check_pair(row: dict[str, Any]) -> tuple[str, str, str] | None:
@@ -60,27 +113,146 @@ def reject_row(row: dict[str, Any], uri: str, position: int, reason: str, field:
             "row_json": json.dumps(payload, ensure_ascii=False, default=repr)}
 
 
-def load_targets(embeddings_folder: str, scope: str) -> TargetIndex:
-    """The target rows of every embeddings shard, in shard order."""
-    emb, groups, keys, location = [], [], [], []
+def load_target_index(embeddings_folder: str, scope: str
+                      ) -> tuple[TargetIndex, dict[int, list[str]]]:
+    """The index of every distinct target and, per embeddings shard, the datasets of its
+    queries, read from the small columns (:data:`INDEX_COLUMNS`) only: never a vector."""
+    parts, query_datasets = [], {}
     for uri in outputs.shard_uris(embeddings_folder):
-        table = storage.read_table(uri)
-        mask = np.asarray(table.column("kind").to_pylist()) == "target"
-        if not mask.any():
-            continue
+        table = storage.read_table(uri, columns=INDEX_COLUMNS)
+        is_target = pc.equal(table.column("kind"), "target").to_numpy(zero_copy_only=False)
         shard = outputs.shard_index(uri)
-        vectors = vectors_numpy(table.column("emb"))[mask]
-        emb.append(vectors)
-        groups += [d for d, m in zip(table.column("dataset").to_pylist(), mask, strict=True) if m]
-        keys += [k for k, m in zip(table.column("key").to_pylist(), mask, strict=True) if m]
-        rows = np.asarray(table.column("row").to_pylist())[mask]
-        location += [(shard, r) for r in rows]
-    matrix = np.concatenate(emb) if emb else np.zeros((0, 1), np.float32)
-    matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)  # fp16 -> unit
-    row_of = {(g, k): i for i, (g, k) in enumerate(zip(groups, keys, strict=True))}
-    group_arr = np.asarray(groups if scope == "dataset" else ["all"] * len(groups), dtype=object)
-    return TargetIndex(matrix, group_arr, np.asarray(keys, dtype=object),
-                       np.asarray(location, dtype=np.int64).reshape(-1, 2), row_of)
+        query_datasets[shard] = sorted(set(
+            table.column("dataset").filter(pa.array(~is_target)).to_pylist()))
+        positions = np.flatnonzero(is_target)  # (c,) rows of this file
+        targets = table.take(pa.array(positions))
+        parts.append(pa.table({
+            "dataset": targets.column("dataset"), "key": targets.column("key"),
+            "shard": pa.array(np.full(positions.size, shard, np.int64)),
+            "row": targets.column("row").cast(pa.int64()),
+            "vector_row": pa.array(positions.astype(np.int64))}))
+    table = pa.concat_tables(parts) if parts else pa.table({
+        "dataset": pa.array([], pa.string()), "key": pa.array([], pa.string()),
+        "shard": pa.array([], pa.int64()), "row": pa.array([], pa.int64()),
+        "vector_row": pa.array([], pa.int64())})
+    location = np.stack([table.column("shard").to_numpy(), table.column("row").to_numpy()],
+                        axis=1).reshape(-1, 2)  # (C, 2)
+    index = TargetIndex(_shared_strings(table.column("dataset")),
+                        np.asarray(table.column("key").to_pylist(), dtype=object),
+                        location, table.column("vector_row").to_numpy(), scope)
+    return index, query_datasets
+
+
+def _shared_strings(column: pa.ChunkedArray) -> np.ndarray:
+    """(n,) object array of a low-cardinality string column, one str object per value."""
+    encoded = column.combine_chunks().dictionary_encode()
+    names = np.asarray(encoded.dictionary.to_pylist(), dtype=object)  # (distinct,)
+    return names[encoded.indices.to_numpy(zero_copy_only=False)]  # (n,)
+
+
+def unit_rows(emb: np.ndarray) -> np.ndarray:
+    """(n, D) float32 rows scaled to unit length, in place (float16 vectors are not)."""
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)  # (n, D)
+    return emb
+
+
+def read_queries(uri: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rows in the pairs shard (Q,), unit vectors (Q, D)) of the queries of one embeddings
+    shard, in pairs row order; only the row groups holding queries are read."""
+    kinds = storage.read_table(uri, columns=["kind"]).column("kind")
+    positions = np.flatnonzero(pc.equal(kinds, "query").to_numpy(zero_copy_only=False))
+    table = _read_positions(uri, positions, _row_group_starts(uri), ["row", "emb"])
+    rows = table.column("row").to_numpy().astype(np.int64)  # (Q,)
+    order = np.argsort(rows, kind="stable")
+    return rows[order], unit_rows(vectors_numpy(table.column("emb"))[order])
+
+
+def target_blocks(targets: TargetIndex, embeddings_folder: str,
+                  block_rows: int) -> Callable[[np.ndarray], Iterator[CandidateBlock]]:
+    """A :data:`pipeline.mining.BlockSource` over ``targets``: called with the groups a
+    search pass needs, it streams their vectors (:func:`iter_target_blocks`)."""
+    return functools.partial(iter_target_blocks, targets, embeddings_folder, block_rows)
+
+
+def iter_target_blocks(targets: TargetIndex, embeddings_folder: str, block_rows: int,
+                       groups: np.ndarray | None = None) -> Iterator[CandidateBlock]:
+    """``CandidateBlock``s (unit float32 vectors, ids, groups) of the targets of ``groups``
+    (None: all), one embeddings shard at a time, at most ``block_rows`` rows each. Only the
+    Parquet row groups that hold them are read (shards are sorted by kind and dataset)."""
+    from pipeline.mining import CandidateBlock
+
+    all_groups = targets.groups  # (C,)
+    wanted = np.arange(len(targets)) if groups is None else np.flatnonzero(
+        np.isin(all_groups, np.asarray(groups, dtype=object)))  # (c,) ids
+    for shard in np.unique(targets.location[wanted, 0]):
+        ids = wanted[targets.location[wanted, 0] == shard]  # (cs,) ascending file rows
+        uri = storage.join(embeddings_folder, outputs.shard_name(int(shard)))
+        starts = _row_group_starts(uri)
+        for run in _runs(targets.vector_row[ids], starts, block_rows):
+            run_ids = ids[run]
+            table = _read_positions(uri, targets.vector_row[run_ids], starts, ["row", "emb"])
+            if not np.array_equal(table.column("row").to_numpy(), targets.location[run_ids, 1]):
+                raise ValueError(f"{uri} does not hold the targets its index expects: the "
+                                 "embeddings were rewritten after the index was read")
+            emb = unit_rows(vectors_numpy(table.column("emb")))  # (r, D)
+            for b0 in range(0, run_ids.size, block_rows):
+                part = run_ids[b0:b0 + block_rows]
+                yield CandidateBlock(emb[b0:b0 + block_rows], part, all_groups[part])
+
+
+def read_target_matrix(targets: TargetIndex, embeddings_folder: str, dim: int | None = None,
+                       block_rows: int = 65536) -> np.ndarray:
+    """(C, D) unit float32 vectors of every target of ``targets``, by id: the whole matrix,
+    for the approximate (IVF) search only, which needs it (``dim`` for an empty index)."""
+    matrix = np.zeros((0, dim or 1), dtype=np.float32)  # (0, D) until the first block
+    for block in iter_target_blocks(targets, embeddings_folder, block_rows):
+        if not matrix.size:
+            matrix = np.empty((len(targets), block.emb.shape[1]), dtype=np.float32)  # (C, D)
+        matrix[block.ids] = block.emb
+    return matrix
+
+
+def _row_group_starts(uri: str) -> np.ndarray:
+    """(G + 1,) first row of each row group of a Parquet file, then its number of rows."""
+    def read(fs: Any, path: str) -> list[int]:
+        with fs.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
+            return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+    sizes = storage.call("read parquet footer", uri, read)
+    return np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+
+
+def _runs(positions: np.ndarray, starts: np.ndarray, block_rows: int) -> Iterator[slice]:
+    """Slices of ``positions`` (ascending file rows) that end on a row-group boundary and
+    hold about ``block_rows`` rows (at most one row group more): each is read at once."""
+    group = np.searchsorted(starts, positions, side="right") - 1  # (n,) row group of each
+    first = 0
+    for cut in np.flatnonzero(np.diff(group)) + 1:
+        if cut - first >= block_rows:
+            yield slice(first, int(cut))
+            first = int(cut)
+    if first < positions.size:
+        yield slice(first, positions.size)
+
+
+def _read_positions(uri: str, positions: np.ndarray, starts: np.ndarray,
+                    columns: list[str]) -> pa.Table:
+    """Rows ``positions`` (ascending) of a Parquet file, reading only their row groups."""
+    group = np.searchsorted(starts, positions, side="right") - 1  # (n,)
+    needed = np.unique(group)  # (g,)
+
+    def read(fs: Any, path: str) -> pa.Table:
+        with fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            if not needed.size:
+                return parquet.schema_arrow.empty_table().select(columns)
+            return parquet.read_row_groups(needed.tolist(), columns=columns)
+
+    table = storage.call("read parquet", uri, read)
+    sizes = starts[needed + 1] - starts[needed]  # (g,)
+    offset = np.concatenate([[0], np.cumsum(sizes)])[np.searchsorted(needed, group)]  # (n,)
+    return table.take(pa.array(positions - starts[group] + offset))
 
 
 def mined_row(pair: dict[str, Any], location: tuple[int, int], selection: Any, j: int,

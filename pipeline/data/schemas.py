@@ -83,7 +83,11 @@ MINED = pa.schema([
 
 
 def embeddings_schema(dim: int) -> pa.Schema:
-    """A query (key = pair id) or a distinct target (key = content key) and its vector."""
+    """A query (key = pair id) or a distinct target (key = content key) and its vector.
+
+    Rows are sorted by (kind, dataset) and written in small row groups
+    (``mine_negatives.EMBEDDINGS_ROW_GROUP_ROWS``), so a reader of some datasets' targets
+    reads only their row groups (:func:`pipeline.data.mined.iter_target_blocks`)."""
     return pa.schema([
         pa.field("kind", pa.string(), nullable=False),      # "query" | "target"
         pa.field("dataset", pa.string(), nullable=False),

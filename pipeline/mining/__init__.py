@@ -8,15 +8,19 @@ Arrays in, arrays out (no Ray, files or configs):
 - ``select_negatives``: the false-negative filter (self, duplicate content, UniME margin,
   positive-aware ratio, max score) and top / rank-range selection, with per-query counts
   (``filters.py``; margin and ratio are the rule of :mod:`pipeline.losses`).
+- ``search_blocks`` (``blocks.py``): the same exact grouped top-k over candidates streamed
+  block by block (:class:`CandidateBlock`), merged exactly, with only one block in memory.
 - ``mine_within_groups`` (``exact.py``): search + filter, and search deeper where the filters
-  left a row short, so the negatives equal an exhaustive search's after the same filters.
+  left a row short, so the negatives equal an exhaustive search's after the same filters;
+  in memory or over a stream of blocks (``candidates=``).
 
 Imports within the package run one way only: ``recall -> search -> ivf -> common`` and
-``search -> common``, ``exact -> search, filters``; tests/test_mining_core.py checks that
-there is no cycle.
+``search -> common``, ``blocks -> search``, ``exact -> blocks, search, filters``;
+tests/test_mining_core.py checks that there is no cycle.
 """
 from __future__ import annotations
 
+from pipeline.mining.blocks import BlockSource, CandidateBlock, search_blocks
 from pipeline.mining.common import FAISS_GPU_MAX_K
 from pipeline.mining.exact import MinedNegatives, mine_within_groups
 from pipeline.mining.filters import (
@@ -36,7 +40,9 @@ from pipeline.mining.search import (
 )
 
 __all__ = [
+    "BlockSource",
     "COUNT_KEYS",
+    "CandidateBlock",
     "FAISS_GPU_MAX_K",
     "MinedNegatives",
     "NegativeSelection",
@@ -47,6 +53,7 @@ __all__ = [
     "measure_recall",
     "mine_within_groups",
     "resolve_backend",
+    "search_blocks",
     "search_topk",
     "search_within_groups",
     "select_negatives",

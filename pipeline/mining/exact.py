@@ -11,6 +11,11 @@ twice the ``k``, up to the size of its group, until it is covered or the group i
 "Covered" means the survivors reach the end of the selection window: ``range_min +
 num_negatives`` for ``top`` (capped by ``range_max``), ``range_max`` for ``range``; ``range``
 without ``range_max`` samples from every survivor, so it searches each group whole.
+
+The candidates are either one in-memory matrix or a stream of blocks
+(:mod:`pipeline.mining.blocks`): a streamed pass, first or deeper, reads the candidates of its
+queries' groups again block by block, and the first one also gathers the positives' scores,
+so no pass holds more than one block of vectors.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from pipeline.mining.blocks import BlockSource, search_blocks
 from pipeline.mining.common import FAISS_GPU_MAX_K
 from pipeline.mining.filters import (
     COUNT_KEYS,
@@ -26,7 +32,7 @@ from pipeline.mining.filters import (
     select_negatives,
     summarize_counts,
 )
-from pipeline.mining.search import resolve_backend, search_within_groups
+from pipeline.mining.search import SearchResult, resolve_backend, search_within_groups
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +40,14 @@ logger = logging.getLogger(__name__)
 class MinedNegatives(NamedTuple):
     """``selection`` as :func:`select_negatives` returns it, for every query;
     ``searched_k`` (Q,) the k of the search its negatives come from (> the first k: the row
-    was searched again); ``search_stats`` the first pass's stats plus the deeper passes."""
+    was searched again); ``search_stats`` the first pass's stats plus the deeper passes;
+    ``pos_scores`` (Q,) the positives' scores the filters used (given, or gathered from the
+    streamed candidates)."""
 
     selection: NegativeSelection
     searched_k: np.ndarray
     search_stats: dict[str, Any]
+    pos_scores: np.ndarray | None = None
 
 
 def survivors_needed(group_size: np.ndarray, *, num_negatives: int, selection: str = "top",
@@ -50,24 +59,33 @@ def survivors_needed(group_size: np.ndarray, *, num_negatives: int, selection: s
     return group_size.copy() if range_max is None else np.full(group_size.shape, range_max)
 
 
-def mine_within_groups(q_emb: np.ndarray, q_groups: np.ndarray, cand_emb: np.ndarray,
-                       c_groups: np.ndarray, pos_scores: np.ndarray, pos_ids: np.ndarray,
-                       cand_keys: np.ndarray, pos_keys: np.ndarray, *, search_k: int,
-                       search_kwargs: dict[str, Any] | None = None,
-                       select_kwargs: dict[str, Any] | None = None) -> MinedNegatives:
+def mine_within_groups(q_emb: np.ndarray, q_groups: np.ndarray, cand_emb: np.ndarray | None,
+                       c_groups: np.ndarray, pos_scores: np.ndarray | None,
+                       pos_ids: np.ndarray, cand_keys: np.ndarray, pos_keys: np.ndarray, *,
+                       search_k: int, search_kwargs: dict[str, Any] | None = None,
+                       select_kwargs: dict[str, Any] | None = None,
+                       candidates: BlockSource | None = None) -> MinedNegatives:
     """Hard negatives of every query among its group's candidates, exact after the filters.
 
     Args:
         q_emb: (Q, D) L2-normalised queries; ``q_groups`` (Q,) their groups.
-        cand_emb: (N, D) L2-normalised candidates; ``c_groups`` (N,) their groups.
-        pos_scores, pos_ids, cand_keys, pos_keys: as :func:`select_negatives` takes them.
+        cand_emb: (N, D) L2-normalised candidates in memory, or None with ``candidates``.
+        c_groups: (N,) the candidates' groups (their ids index it), in both modes.
+        pos_scores, pos_ids, cand_keys, pos_keys: as :func:`select_negatives` takes them;
+            ``pos_scores`` may be None with ``candidates`` (gathered in the first pass).
         search_k: candidates retrieved per query in the first pass.
         search_kwargs: of :func:`search_within_groups` (backend, block sizes, build...).
         select_kwargs: of :func:`select_negatives` (num_negatives, filters, selection...).
+        candidates: instead of ``cand_emb``, a :data:`BlockSource`: every pass streams the
+            candidates of the groups it needs block by block (:func:`search_blocks`), so
+            only one block of vectors is in memory; exact flat search only.
     """
+    pos_ids = np.asarray(pos_ids)
+    _check_sources(cand_emb, candidates, pos_scores, pos_ids)
     search_kwargs, select_kwargs = dict(search_kwargs or {}), dict(select_kwargs or {})
     q_groups = np.asarray(q_groups, dtype=object)
-    group_size = _group_sizes(q_groups, np.asarray(c_groups, dtype=object))  # (Q,)
+    c_groups = np.asarray(c_groups, dtype=object)
+    group_size = _group_sizes(q_groups, c_groups)  # (Q,)
     needed = survivors_needed(group_size, num_negatives=select_kwargs.get("num_negatives", 8),
                               selection=select_kwargs.get("selection", "top"),
                               range_min=select_kwargs.get("range_min", 0),
@@ -78,8 +96,11 @@ def mine_within_groups(q_emb: np.ndarray, q_groups: np.ndarray, cand_emb: np.nda
     stats: dict[str, Any] = {}
     passes: list[dict[str, int]] = []
     while True:
-        result = search_within_groups(q_emb[rows], q_groups[rows], cand_emb, c_groups, k,
-                                      **_pass_kwargs(search_kwargs, k, first=not passes))
+        result, gathered = _search_pass(
+            q_emb[rows], q_groups[rows], k, cand_emb, c_groups, candidates,
+            pos_ids[rows] if pos_scores is None else None,
+            _pass_kwargs(search_kwargs, k, first=not passes))
+        pos_scores = _checked_positives(gathered) if pos_scores is None else pos_scores
         part = select_negatives(result.scores, result.ids, pos_scores[rows], pos_ids[rows],
                                 cand_keys, np.asarray(pos_keys)[rows], log_summary=False,
                                 **select_kwargs)
@@ -95,7 +116,41 @@ def mine_within_groups(q_emb: np.ndarray, q_groups: np.ndarray, cand_emb: np.nda
     _log(merged, passes, select_kwargs.get("num_negatives", 8))
     stats = {**stats, "passes": passes,
              "queries_searched_again": int((searched_k > passes[0]["k"]).sum())}
-    return MinedNegatives(merged, searched_k, stats)
+    return MinedNegatives(merged, searched_k, stats, np.asarray(pos_scores))
+
+
+def _check_sources(cand_emb: np.ndarray | None, candidates: BlockSource | None,
+                   pos_scores: np.ndarray | None, pos_ids: np.ndarray) -> None:
+    """Exactly one candidate source; positives to gather only from a streamed one."""
+    if (cand_emb is None) == (candidates is None):
+        raise ValueError("give the candidates either in memory (cand_emb) or as a stream "
+                         "(candidates=), not both or neither")
+    if pos_scores is None and candidates is None:
+        raise ValueError("pos_scores=None needs candidates= (they are gathered while "
+                         "streaming); give them with cand_emb")
+    if pos_scores is None and (np.asarray(pos_ids) < 0).any():
+        raise ValueError("pos_scores=None needs every query's positive among the candidates "
+                         "(pos_ids >= 0)")
+
+
+def _search_pass(q_emb: np.ndarray, q_groups: np.ndarray, k: int, cand_emb: np.ndarray | None,
+                 c_groups: np.ndarray, candidates: BlockSource | None,
+                 score_ids: np.ndarray | None,
+                 kwargs: dict[str, Any]) -> tuple[SearchResult, np.ndarray | None]:
+    """One search pass, in memory or streamed (only the groups of these queries)."""
+    if candidates is None:
+        return search_within_groups(q_emb, q_groups, cand_emb, c_groups, k, **kwargs), None
+    return search_blocks(q_emb, q_groups, candidates(np.unique(q_groups)), k,
+                         score_ids=score_ids, **kwargs)
+
+
+def _checked_positives(gathered: np.ndarray | None) -> np.ndarray:
+    """The positives' scores gathered in the first streamed pass; each must have been seen."""
+    missing = np.flatnonzero(np.isnan(gathered))
+    if missing.size:
+        raise ValueError(f"{missing.size} positives were not among the streamed candidates "
+                         f"of their group (queries {missing[:10].tolist()})")
+    return gathered
 
 
 def _group_sizes(q_groups: np.ndarray, c_groups: np.ndarray) -> np.ndarray:

@@ -6,8 +6,10 @@ Two phases over the ``prepare_data/pairs`` shards, each one Ray Data task per sh
 1. **embed** (a pool of miner actors, :class:`MinerShardWorker`, one GPU each when the
    cluster has GPUs): for pairs shard i, the queries of its rows and the distinct targets
    first seen in it, written to ``embeddings/part-i.parquet`` (kind, dataset, key, row,
-   float16 vector). A row whose positive is empty, whose image does not decode, or whose
-   vector is not finite is refused here, with its reason.
+   float16 vector), sorted by (kind, dataset) in row groups of
+   :data:`EMBEDDINGS_ROW_GROUP_ROWS` rows, so that a reader of one dataset's targets skips
+   the rest. A row whose positive is empty, whose image does not decode, or whose vector is
+   not finite is refused here, with its reason.
 2. **search** (stateless tasks, :func:`search_shard`, spread over the cluster): for pairs
    shard i, exact blockwise top-``search_k`` of its queries against the targets of the same
    dataset (``mining.scope``), the false-negative filters and the selection of
@@ -15,17 +17,28 @@ Two phases over the ``prepare_data/pairs`` shards, each one Ray Data task per sh
    the negatives by reference: their keys, scores and the pairs rows holding their payloads
    (:mod:`pipeline.data.mined`; ``read_with_negatives`` shows their texts and images).
 
-The target matrix travels once through the object store. Outputs under
-``<run_root>/mine_negatives``: ``embeddings/``, ``part-*.parquet`` (mined), ``_rejects/``,
-``scores.png`` (histograms) and ``_manifest.json`` with per-dataset statistics.
+Target vectors never reach the driver: it reads only the small columns of the embeddings
+shards (:func:`pipeline.data.mined.load_target_index`) and hands each search task the index
+of its groups' targets (keys, pairs rows, where each vector is). The task streams those
+vectors from the shards one block at a time (``mining.block_size`` rows; float16 -> unit
+float32) into an exact running top-k, for every search pass, so its memory is one block plus
+its queries' results, whatever the number of targets (also with ``scope=global``).
+``mining.index=ivf`` is the exception: IVF needs the whole matrix of the task's groups, and
+the recall estimate the whole matrix, each read inside its own task. Each task reports its
+peak RSS; the manifest keeps the largest (``search_task_peak_rss_mb``).
+
+Outputs under ``<run_root>/mine_negatives``: ``embeddings/``, ``part-*.parquet`` (mined),
+``_rejects/``, ``scores.png`` (histograms) and ``_manifest.json`` with per-dataset
+statistics.
 """
 from __future__ import annotations
 
 import json
 import logging
+import resource
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,8 +46,11 @@ import pyarrow as pa
 from pipeline import outputs, provenance, storage
 from pipeline.config import Config, ConfigError, MiningConfig
 from pipeline.data import mined
-from pipeline.data.schemas import MINED, embeddings_schema, vector_array, vectors_numpy
+from pipeline.data.schemas import MINED, embeddings_schema, vector_array
 from pipeline.steps import base
+
+if TYPE_CHECKING:
+    from pipeline.mining import MinedNegatives
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +61,7 @@ INPUT_TABLE = "pairs"  # of prepare_data
 TABLE_VERSION = 2  # mined negatives by reference (pairs shard + row), not their bytes
 PAIR_COLUMNS = ["id", "dataset", "qry_text", "pos_text", "pos_key", "neg_text", "source"]  # what a search task reads
 EMBEDDINGS_DIR = "embeddings"
+EMBEDDINGS_ROW_GROUP_ROWS = 2048  # a search task reads only the row groups of its targets
 
 
 def inputs(config: Config) -> tuple[str, ...]:
@@ -113,19 +130,29 @@ class MinerShardWorker:
                 rejects.setdefault(i, ("nan_embedding", f"{kind}_emb",
                                        f"the miner produced a NaN/inf {kind} vector"))
         keep = [j for j, (_, i) in enumerate(items) if i not in rejects]
-        kept = [items[j] for j in keep]
-        table = pa.Table.from_pydict({
-            "kind": [k for k, _ in kept],
-            "dataset": [rows[i]["dataset"] for _, i in kept],
-            "key": [rows[i]["id"] if k == "query" else rows[i]["pos_key"] for k, i in kept],
-            "row": pa.array([i for _, i in kept], pa.int32()),
-            "emb": vector_array(emb[keep].reshape(len(keep), self.embedder.embedding_dim())),
-        }, schema=self.output.schema)
+        table = embeddings_table(rows, [items[j] for j in keep], emb[keep], self.output.schema)
         reject_rows = [mined.reject_row(rows[i], task.pairs_uri, i, *why) for i, why in
                        sorted(rejects.items())]
-        self.output.write_shard(task.index, table, reject_rows)
+        self.output.write_shard(task.index, table, reject_rows,
+                                row_group_size=EMBEDDINGS_ROW_GROUP_ROWS)
         return {"shard": task.index, "embedded": len(keep), "rejected": len(reject_rows),
                 "seconds": time.perf_counter() - start}
+
+
+def embeddings_table(rows: list[dict[str, Any]], items: list[tuple[str, int]],
+                     emb: np.ndarray, schema: pa.Schema) -> pa.Table:
+    """The embeddings shard of one pairs shard: ``items`` ((kind, row in ``rows``)) with their
+    vectors ``emb`` (M, D), sorted by (kind, dataset), in pairs row order within."""
+    order = sorted(range(len(items)), key=lambda j: (items[j][0], rows[items[j][1]]["dataset"]))
+    ordered = [items[j] for j in order]
+    dim = schema.field("emb").type.list_size
+    return pa.Table.from_pydict({
+        "kind": [k for k, _ in ordered],
+        "dataset": [rows[i]["dataset"] for _, i in ordered],
+        "key": [rows[i]["id"] if k == "query" else rows[i]["pos_key"] for k, i in ordered],
+        "row": pa.array([i for _, i in ordered], pa.int32()),
+        "emb": vector_array(emb.reshape(len(items), dim)[order]),  # (M, D)
+    }, schema=schema)
 
 
 # -- phase 2: search, filter, write --------------------------------------------------------------
@@ -133,9 +160,9 @@ class MinerShardWorker:
 class SearchTask:
     index: int
     pairs_uri: str
-    embeddings_uri: str
+    embeddings_folder: str     # this shard's queries and the targets' vectors are there
     embedding_rejects_uri: str
-    targets: Any               # ObjectRef of the mined.TargetIndex
+    targets: Any               # ObjectRef of the mined.TargetIndex of this shard's groups
     folder: str
     owner: str
     mining: MiningConfig
@@ -145,20 +172,19 @@ def search_shard(task: SearchTask) -> dict[str, Any]:
     """Mine shard ``task.index``: its queries against the targets; write mined rows."""
     import ray
 
-    from pipeline.mining import mine_within_groups
+    return mine_shard(task, ray.get(task.targets))
 
+
+def mine_shard(task: SearchTask, targets: mined.TargetIndex) -> dict[str, Any]:
+    """:func:`search_shard` once its index is at hand (no Ray): read the shard's queries,
+    search them against the streamed target vectors, write the mined rows and statistics."""
     start = time.perf_counter()
-    targets: mined.TargetIndex = ray.get(task.targets)
     mining = task.mining
     pairs = storage.read_table(task.pairs_uri, columns=PAIR_COLUMNS).to_pylist()
-    embedded = storage.read_table(task.embeddings_uri)
-    queries = [i for i, k in enumerate(embedded.column("kind").to_pylist()) if k == "query"]
-    q_rows = np.asarray(embedded.column("row").to_pylist(), dtype=np.int64)[queries]
-    q_emb = vectors_numpy(embedded.column("emb"))[queries]
-    q_emb /= np.maximum(np.linalg.norm(q_emb, axis=1, keepdims=True), 1e-12)  # (Q, D)
+    q_rows, q_emb = mined.read_queries(storage.join(task.embeddings_folder,
+                                                    outputs.shard_name(task.index)))
     datasets = [pairs[r]["dataset"] for r in q_rows]
-    pos_ids = np.asarray([targets.row_of.get((d, pairs[r]["pos_key"]), -1)
-                          for d, r in zip(datasets, q_rows, strict=True)], dtype=np.int64)
+    pos_ids = targets.ids_of(datasets, [pairs[r]["pos_key"] for r in q_rows])  # (Q,)
     # Rows refused while embedding, then rows whose positive's target was refused.
     rejects = storage.read_table(task.embedding_rejects_uri).to_pylist()
     rejects += [mined.reject_row(pairs[r], task.pairs_uri, int(r), "missing_positive",
@@ -169,22 +195,9 @@ def search_shard(task: SearchTask) -> dict[str, Any]:
     q_rows, q_emb, pos_ids = q_rows[ok], q_emb[ok], pos_ids[ok]
     q_groups = np.asarray([pairs[r]["dataset"] if mining.scope == "dataset" else "all"
                            for r in q_rows], dtype=object)
-    pos_scores = (q_emb * targets.emb[pos_ids]).sum(axis=1)  # (Q,)
-    k = min(mining.search_k, max(1, len(targets.keys)))
-    result = mine_within_groups(
-        q_emb, q_groups, targets.emb, targets.groups, pos_scores, pos_ids, targets.keys,
-        targets.keys[pos_ids], search_k=k, search_kwargs={
-            "backend": mining.backend, "block_size": mining.block_size,
-            "query_block_size": mining.query_block_size, "build": mining.index,
-            "nlist": mining.ivf_nlist if mining.index == "ivf" else None,
-            "nprobe": mining.ivf_nprobe, "num_threads": max(1, int(mining.cpus_per_actor))},
-        select_kwargs={
-            "num_negatives": mining.num_negatives, "fn_margin": mining.fn_margin,
-            "fn_ratio": mining.fn_ratio, "max_score": mining.max_score,
-            "unique_negatives": mining.unique_negatives, "selection": mining.selection,
-            "range_min": mining.range_min, "range_max": mining.range_max or None,
-            "seed": mining.seed + task.index})
-    selection = result.selection
+    k = min(mining.search_k, max(1, len(targets)))
+    result = search_targets(task, targets, q_emb, q_groups, pos_ids, k)
+    selection, pos_scores = result.selection, result.pos_scores
     rows = [mined.mined_row(pairs[r], (task.index, r), selection, j, pos_scores[j], targets)
             for j, r in enumerate(q_rows)]
     stats = mined.shard_stats(datasets=[pairs[r]["dataset"] for r in q_rows],
@@ -194,14 +207,45 @@ def search_shard(task: SearchTask) -> dict[str, Any]:
     storage.write_json(output.stats_uri(task.index), stats)
     output.write_shard(task.index, rows, rejects)
     return {"shard": task.index, "rows": len(rows), "seconds": time.perf_counter() - start,
-            "search": json.dumps(result.search_stats, default=str)}
+            "search": json.dumps(result.search_stats, default=str),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def search_targets(task: SearchTask, targets: mined.TargetIndex, q_emb: np.ndarray,
+                   q_groups: np.ndarray, pos_ids: np.ndarray, k: int) -> MinedNegatives:
+    """``mine_within_groups`` of the queries against ``targets``: streamed from the
+    embeddings shards block by block (flat), or, for IVF, over the groups' whole matrix."""
+    from pipeline.mining import mine_within_groups
+
+    codes = targets.key_codes()  # (C,)
+    kwargs = mining_kwargs(task.mining, k, task.index)
+    if task.mining.index == "ivf":
+        matrix = mined.read_target_matrix(targets, task.embeddings_folder, q_emb.shape[1])
+        pos_scores = (q_emb * matrix[pos_ids]).sum(axis=1)  # (Q,)
+        return mine_within_groups(q_emb, q_groups, matrix, targets.groups, pos_scores, pos_ids,
+                                  codes, codes[pos_ids], **kwargs)
+    source = mined.target_blocks(targets, task.embeddings_folder, task.mining.block_size)
+    return mine_within_groups(q_emb, q_groups, None, targets.groups, None, pos_ids, codes,
+                              codes[pos_ids], candidates=source, **kwargs)
+
+
+def mining_kwargs(mining: MiningConfig, k: int, shard: int) -> dict[str, Any]:
+    """``search_k``, ``search_kwargs`` and ``select_kwargs`` of ``mine_within_groups``."""
+    search = {"backend": mining.backend, "block_size": mining.block_size,
+              "query_block_size": mining.query_block_size, "build": mining.index,
+              "nlist": mining.ivf_nlist if mining.index == "ivf" else None,
+              "nprobe": mining.ivf_nprobe, "num_threads": max(1, int(mining.cpus_per_actor))}
+    select = {"num_negatives": mining.num_negatives, "fn_margin": mining.fn_margin,
+              "fn_ratio": mining.fn_ratio, "max_score": mining.max_score,
+              "unique_negatives": mining.unique_negatives, "selection": mining.selection,
+              "range_min": mining.range_min, "range_max": mining.range_max or None,
+              "seed": mining.seed + shard}
+    return {"search_k": k, "search_kwargs": search, "select_kwargs": select}
 
 
 # -- the step -----------------------------------------------------------------------------------
 def run(config: Config) -> dict[str, Any]:
     """Mine every shard not done yet (or reuse the finished step); returns the manifest."""
-    import ray
-
     from pipeline.ray_utils import actor_pool_resources, node_counts, run_shard_tasks
 
     start = time.perf_counter()
@@ -238,30 +282,28 @@ def run(config: Config) -> dict[str, Any]:
             "prompt_mode": config.mining.prompt_mode, "batch_size": config.mining.embed_batch_size,
             "folder": folder, "owner": owner, "torch_threads": int(cpus)},
         actors_start_s=config.ray.resource_wait_s)
-    targets = mined.load_targets(embed_folder, config.mining.scope)
-    logger.info("mine_negatives: %d distinct targets, dim %d", *targets.emb.shape)
-    targets_ref = ray.put(targets)
+    targets, query_datasets = mined.load_target_index(embed_folder, config.mining.scope)
+    logger.info("mine_negatives: %d distinct targets (the driver holds their index only)",
+                len(targets))
     done_shards = output_done(folder, len(shards))
-    embedded = outputs.ShardedOutput(embed_folder, owner, pa.schema([]))
-    search_tasks = [SearchTask(i, uri, embedded.shard_uri(i), embedded.reject_uri(i),
-                               targets_ref, folder, owner, config.mining)
-                    for i, uri in enumerate(shards) if i not in done_shards]
-    # Search on the GPU when the cluster has one and the backend can use it.
-    search_gpus = gpus if config.mining.backend != "faiss" else 0.0
-    results = run_shard_tasks(search_tasks, search_shard, num_cpus=cpus, num_gpus=search_gpus)
+    results = search_all(config, shards, done_shards, targets, query_datasets, owner,
+                         cpus=cpus, gpus=gpus)
     logger.info("mine_negatives: %d shards searched in this run", len(results))
     stats = mined.merge_stats([storage.read_json(output.stats_uri(i))
                                for i in range(len(shards))])
     mined.histogram_png(stats, storage.join(folder, "scores.png"))
-    recall = ivf_recall(config.mining, targets) if config.mining.index == "ivf" else None
+    recall = (recall_in_task(config.mining, targets, embed_folder, cpus=cpus, gpus=gpus)
+              if config.mining.index == "ivf" else None)
     return output.finish(
         rows_in=inputs_manifest["rows_out"], num_shards=len(shards),
         seconds=time.perf_counter() - start, config_hash=config.config_hash,
         extra={"table": "mined", "pairs_table": storage.absolute_uri(input_folder),
-               "miner": path, "targets": int(targets.emb.shape[0]),
+               "miner": path, "targets": len(targets),
                "shards_skipped": len(done_shards), "per_dataset": mined.per_dataset(stats),
                "nodes": {"embed": node_counts(embedded_on), "search": node_counts(results)},
                "totals": mined.totals(stats), "ivf_recall": recall,
+               "search_task_peak_rss_mb": max((float(r["peak_rss_mb"]) for r in results),
+                                              default=None),
                "inputs": {"pairs": provenance.fingerprint(input_folder)},
                "identity": base.identity(config, NAME), "config": config.to_dict()})
 
@@ -271,15 +313,73 @@ def output_done(folder: str, num_shards: int) -> set[int]:
     return outputs.ShardedOutput(folder, "", MINED).done_shards(num_shards)
 
 
-def ivf_recall(mining: MiningConfig, targets: mined.TargetIndex) -> float:
-    """Recall@k of IVF vs exact search on a sample of targets used as queries."""
-    from pipeline.mining import estimate_recall, search_topk
+def search_all(config: Config, shards: list[str], done: set[int], targets: mined.TargetIndex,
+               query_datasets: dict[int, list[str]], owner: str, *, cpus: float,
+               gpus: float) -> list[dict[str, Any]]:
+    """One search task per shard not done yet; each gets the index of its groups' targets
+    (one object per distinct set of groups), never their vectors."""
+    import ray
 
-    k = min(mining.search_k, len(targets.keys))
-    approx = search_topk(targets.emb, targets.emb, k, backend=mining.backend, build="ivf",
-                         nlist=mining.ivf_nlist, nprobe=mining.ivf_nprobe)
-    return float(estimate_recall(targets.emb, targets.emb, approx.ids,
-                                 sample_size=mining.recall_sample, seed=mining.seed))
+    from pipeline.ray_utils import run_shard_tasks
+
+    folder = config.step_dir(NAME)
+    embed_folder = storage.join(folder, EMBEDDINGS_DIR)
+    embedded = outputs.ShardedOutput(embed_folder, owner, pa.schema([]))
+    refs: dict[tuple[str, ...], Any] = {}
+    tasks = []
+    for i, uri in enumerate(shards):
+        if i in done:
+            continue
+        groups = (tuple(query_datasets.get(i, [])) if config.mining.scope == "dataset"
+                  else ("all",))
+        if groups not in refs:
+            refs[groups] = ray.put(targets.select(list(groups)))
+        tasks.append(SearchTask(i, uri, embed_folder, embedded.reject_uri(i), refs[groups],
+                                folder, owner, config.mining))
+    # Search on the GPU when the cluster has one and the backend can use it.
+    search_gpus = gpus if config.mining.backend != "faiss" else 0.0
+    return run_shard_tasks(tasks, search_shard, num_cpus=cpus, num_gpus=search_gpus)
+
+
+@dataclass(frozen=True)
+class RecallTask:
+    targets: mined.TargetIndex   # every target (index only)
+    embeddings_folder: str
+    mining: MiningConfig
+
+
+def recall_shard(task: RecallTask) -> dict[str, Any]:
+    """Ray task: IVF recall over the whole target matrix, read here (never on the driver)."""
+    matrix = mined.read_target_matrix(task.targets, task.embeddings_folder)  # (C, D)
+    return {"ivf_recall": ivf_recall(task.mining, matrix),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def recall_in_task(mining: MiningConfig, targets: mined.TargetIndex, embed_folder: str, *,
+                   cpus: float, gpus: float) -> float:
+    from pipeline.ray_utils import run_shard_tasks
+
+    gpus = gpus if mining.backend != "faiss" else 0.0
+    [row] = run_shard_tasks([RecallTask(targets, embed_folder, mining)], recall_shard,
+                            num_cpus=cpus, num_gpus=gpus)
+    return float(row["ivf_recall"])
+
+
+def ivf_recall(mining: MiningConfig, matrix: np.ndarray) -> float:
+    """Recall@k of IVF vs exact search, with a seeded sample of ``recall_sample`` targets
+    (rows of ``matrix`` (C, D)) as queries."""
+    from pipeline.mining import measure_recall, search_topk
+
+    k = min(mining.search_k, matrix.shape[0])
+    rng = np.random.default_rng(mining.seed)
+    sample = np.sort(rng.choice(matrix.shape[0], size=min(mining.recall_sample,
+                                                          matrix.shape[0]), replace=False))
+    approx = search_topk(matrix[sample], matrix, k, backend=mining.backend, build="ivf",
+                         nlist=mining.ivf_nlist, nprobe=mining.ivf_nprobe)  # (S, k)
+    exact = search_topk(matrix[sample], matrix, k, backend=mining.backend)  # (S, k)
+    recall = measure_recall(exact.ids, approx.ids)
+    logger.info("IVF recall@%d on %d sampled targets: %.4f", k, sample.size, recall)
+    return recall
 
 
 def summarize(manifest: dict[str, Any], folder: str) -> str:
