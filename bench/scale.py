@@ -3,7 +3,7 @@
     .venv/bin/python bench/scale.py [--quick] [--sizes 10000 40000 160000 640000]
                                     [--workers 2 4] [--dim 128]
 
-For each N (pairs): a synthetic pairs table (4 datasets, small PNG images on half of the
+For each N (pairs): a synthetic pairs table (4 datasets, distinct small PNG images on half of the
 queries and half of the targets, some repeated targets, a given negative on a quarter of
 the rows) in shards of one dataset each, and synthetic float16 miner embeddings (queries
 near their positive) written as the mining step's embed phase would; then, on a
@@ -58,10 +58,10 @@ from pipeline.data.schemas import IMAGE_PLACEHOLDER  # noqa: E402
 DEMO = os.path.join(REPO, "jobs", "configs", "demo.yaml")
 OUT = os.path.join(REPO, "bench", "results", "scale.json")
 DATASETS = ("bench_t2i", "bench_i2t", "bench_cls", "bench_t2t")
-NUM_IMAGES = 64          # distinct small PNGs the rows draw from
 GLOBAL_BATCH = 32        # pairs per step (all ranks)
 MINED_NEGATIVES = 2      # per row, as qwen2vl_7b.yaml
 CHUNK = 16               # gradient-cache chunk (items)
+ROWS_PER_SHARD = 1000    # fixed, as prepare_data's rows_per_shard: more N = more shards
 
 
 def peak_rss_mb() -> float:
@@ -79,20 +79,17 @@ def overrides(root: str, address: str) -> list[str]:
 
 
 # -- the synthetic world -------------------------------------------------------------------------
-def png_pool(seed: int = 0) -> list[bytes]:
+def png(dataset: int, i: int) -> bytes:
+    """A distinct 24x24 noise PNG per (dataset, i) (~1.8 KB; it does not compress)."""
     from PIL import Image
 
-    rng = np.random.default_rng(seed)
-    pool = []
-    for _ in range(NUM_IMAGES):
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(buffer, "PNG")
-        pool.append(buffer.getvalue())
-    return pool
+    pixels = np.random.default_rng([dataset, i, 7]).integers(0, 255, (24, 24, 3), np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
-def pair_rows(dataset: int, start: int, count: int, per_dataset: int,
-              images: list[bytes]) -> list[dict[str, Any]]:
+def pair_rows(dataset: int, start: int, count: int) -> list[dict[str, Any]]:
     """Rows ``start .. start+count`` of dataset ``dataset``; target i repeats i-1 when i % 10
     == 9 (classification-like), a quarter of the rows carry a given negative."""
     name, rows = DATASETS[dataset], []
@@ -103,9 +100,9 @@ def pair_rows(dataset: int, start: int, count: int, per_dataset: int,
             "id": f"{name}:{i}", "dataset": name,
             "qry_text": (f"{IMAGE_PLACEHOLDER}\n" if image_query else "")
             + f"query {i} of {name} asks",
-            "qry_image": images[i % NUM_IMAGES] if image_query else None,
+            "qry_image": png(dataset + len(DATASETS), i) if image_query else None,
             "pos_text": IMAGE_PLACEHOLDER if image_target else f"target {target} of {name}",
-            "pos_image": images[(7 * target) % NUM_IMAGES] if image_target else None,
+            "pos_image": png(dataset, target) if image_target else None,
             "pos_key": hashlib.sha256(f"{name}:{target}".encode()).hexdigest()[:32],
             "neg_text": [f"a given negative of {i}"] if i % 4 == 0 else [],
             "neg_image": [None] if i % 4 == 0 else [], "source": "bench"})
@@ -132,8 +129,8 @@ def build_world(root: str, n: int, dim: int, address: str) -> dict[str, Any]:
     from pipeline.steps.mine_negatives import EMBEDDINGS_ROW_GROUP_ROWS, embeddings_table
 
     config = load_config(DEMO, overrides(root, address))
-    images, per_dataset = png_pool(), n // len(DATASETS)
-    rows_per_shard = max(500, n // 64)
+    per_dataset = n // len(DATASETS)
+    rows_per_shard = ROWS_PER_SHARD
     pairs_dir = storage.join(config.step_dir("prepare_data"), "pairs")
     embed = outputs.ShardedOutput(storage.join(config.step_dir("mine_negatives"), "embeddings"),
                                   base.step_hash(config, "mine_negatives"),
@@ -142,8 +139,7 @@ def build_world(root: str, n: int, dim: int, address: str) -> dict[str, Any]:
     shard, rng = 0, np.random.default_rng(1)
     for dataset in range(len(DATASETS)):
         for start in range(0, per_dataset, rows_per_shard):
-            rows = pair_rows(dataset, start, min(rows_per_shard, per_dataset - start),
-                             per_dataset, images)
+            rows = pair_rows(dataset, start, min(rows_per_shard, per_dataset - start))
             storage.write_table(pa.Table.from_pylist(rows, schema=PAIRS),
                                 storage.join(pairs_dir, outputs.shard_name(shard)))
             idx = np.arange(start, start + len(rows))
@@ -166,7 +162,7 @@ def build_world(root: str, n: int, dim: int, address: str) -> dict[str, Any]:
     from pipeline.models.tiny import build_tiny_model
 
     build_tiny_model("llava_next", f"{root}/student", seed=0,
-                     vocab_texts=[r["qry_text"] for r in pair_rows(0, 0, 50, 50, images)]
+                     vocab_texts=[r["qry_text"] for r in pair_rows(0, 0, 50)]
                      + [f"target {i} of {d}" for i in range(50) for d in DATASETS])
     columns = ["id", "qry_text", "qry_image", "pos_text", "pos_image", "pos_key", "neg_text",
                "neg_image"]  # stage 2's PAIR_COLUMNS

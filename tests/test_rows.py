@@ -75,6 +75,17 @@ def check_batch(rows, source: RowSource, positions: np.ndarray) -> None:
     assert "blob" not in batch.refs.column_names  # referred rows carry ref_columns only
 
 
+def test_take_rows_across_chunks_equals_take() -> None:
+    from pipeline.train.rows import take_rows
+
+    pieces = [pa.table({"id": [f"c{c}r{r}" for r in range(n)], "x": list(range(n))})
+              for c, n in enumerate([3, 1, 4, 2])]
+    table = pa.concat_tables(pieces)  # 4 chunks
+    rows = np.asarray([9, 0, 3, 3, 5, 8, 1])
+    assert take_rows(table, rows).to_pylist() == table.combine_chunks().take(rows).to_pylist()
+    assert take_rows(table, np.zeros(0, np.int64)).num_rows == 0
+
+
 def test_assign_shards_balances_rows_deterministically() -> None:
     rows = np.asarray([70, 50, 90, 30, 80, 0, 10])
     assert assign_shards(rows, 1) == [[0, 1, 2, 3, 4, 6]]

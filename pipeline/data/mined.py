@@ -355,19 +355,22 @@ def merge_stats(shards: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def first_target_rows(pair_shards: list[str]) -> list[list[int]]:
-    """Per shard, the rows whose (dataset, target key) is seen for the first time."""
-    seen: set[tuple[str, str]] = set()
-    firsts = []
+    """Per shard, the rows whose (dataset, target key) is seen for the first time (in shard
+    order): Arrow strings and integer codes, no per-row Python objects."""
+    joint, sizes = [], []
     for uri in pair_shards:
         table = storage.read_table(uri, columns=["dataset", "pos_key"])
-        rows = []
-        for i, key in enumerate(zip(table.column("dataset").to_pylist(),
-                                    table.column("pos_key").to_pylist(), strict=True)):
-            if key not in seen:
-                seen.add(key)
-                rows.append(i)
-        firsts.append(rows)
-    return firsts
+        joint.append(pc.binary_join_element_wise(table.column("dataset"),
+                                                 table.column("pos_key"), "\x1f"))
+        sizes.append(table.num_rows)
+    if not joint:
+        return []
+    codes = pa.chunked_array(joint).combine_chunks().dictionary_encode().indices.to_numpy()
+    first = np.zeros(len(codes), dtype=bool)
+    first[np.unique(codes, return_index=True)[1]] = True  # (N,) first occurrence of each
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    return [np.flatnonzero(first[a:b]).tolist() for a, b in zip(starts[:-1], starts[1:],
+                                                                  strict=True)]
 
 
 def per_dataset(stats: dict[str, Any]) -> dict[str, Any]:

@@ -97,9 +97,28 @@ class EpochRows:
         pointers = self.source.pointers[positions]  # (n, 1 + E)
         refs = pointers[:, 1:]
         valid = refs >= 0
-        return RowBatch(own=self.own.take(self._own_index.find(pointers[:, 0])),
-                        refs=self.refs.take(self._ref_index.find(refs[valid])),
+        return RowBatch(own=take_rows(self.own, self._own_index.find(pointers[:, 0])),
+                        refs=take_rows(self.refs, self._ref_index.find(refs[valid])),
                         ref_counts=valid.sum(axis=1))
+
+
+def take_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """``table.take(rows)`` touching only the chunks that hold them: a table of many chunks
+    (the received pieces, kept as they came: no copy of the epoch's rows) would otherwise be
+    concatenated whole for every take."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if table.num_columns == 0 or not rows.size:
+        return table.slice(0, 0)
+    batches = table.to_batches()
+    starts = np.cumsum([0] + [b.num_rows for b in batches])  # (B + 1,)
+    chunk = np.searchsorted(starts, rows, side="right") - 1   # (n,)
+    parts, order = [], []
+    for c in np.unique(chunk):
+        picked = np.flatnonzero(chunk == c)
+        parts.append(batches[c].take(pa.array(rows[picked] - starts[c])))
+        order.append(picked)
+    taken = pa.Table.from_batches(parts, schema=table.schema).combine_chunks()  # (n,) small
+    return taken.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
 
 
 class _CodeIndex:
@@ -111,7 +130,7 @@ class _CodeIndex:
         self.order = np.argsort(codes, kind="stable")
         self.sorted = codes[self.order]
 
-    def find(self, codes: np.ndarray) -> pa.Array:
+    def find(self, codes: np.ndarray) -> np.ndarray:
         codes = np.asarray(codes, dtype=np.int64)
         at = np.searchsorted(self.sorted, codes)
         found = np.zeros(codes.shape, dtype=bool)
@@ -121,7 +140,7 @@ class _CodeIndex:
             missing = int(np.asarray(codes)[~found][0])
             raise ValueError(f"row {missing & ROW_MASK} of shard {missing >> ROW_BITS} is "
                              "missing from the input: it changed since the driver listed it")
-        return pa.array(self.order[at])
+        return self.order[at]
 
 
 def assign_shards(weights: np.ndarray, world_size: int) -> list[list[int]]:
@@ -225,7 +244,7 @@ def _scatter_rounds(outgoing: list[Any], rank: int, world_size: int,
 def _concat(pieces: list[pa.Table], columns: tuple[str, ...]) -> pa.Table:
     if not pieces:
         return pa.table({CODE_COLUMN: pa.array([], pa.int64())}) if columns else pa.table({})
-    return pa.concat_tables(pieces).combine_chunks()
+    return pa.concat_tables(pieces)  # the received buffers as chunks: no copy
 
 
 def source_from_shards(shards: Sequence[str], columns: Sequence[str], pointers: np.ndarray,

@@ -367,25 +367,42 @@ def read_mined_index(shards: list[str], *, mined_negatives: int,
                      given_negatives: int) -> MinedIndex:
     """The keys of the mined shards (unique), their datasets and where their pair and their
     first ``mined_negatives`` negatives are in the pairs table."""
+    import pyarrow.compute as pc
+
     tables = [storage.read_table(uri, columns=REFERENCE_COLUMNS) for uri in shards]
-    table = pa.concat_tables(tables) if tables else pa.table(
-        {c: [] for c in REFERENCE_COLUMNS})
-    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
-    order = np.argsort(ids, kind="stable")
-    ids = ids[order]
-    if len(ids) > 1 and (dup := ids[1:][ids[1:] == ids[:-1]]).size:
-        raise ValueError(f"duplicate pair id {dup[0]!r} in the mine_negatives shards")
+    if not tables:
+        return MinedIndex((), (), np.zeros((0, 1 + mined_negatives), np.int64),
+                          np.zeros(0, np.int64))
+    table = pa.concat_tables(tables).combine_chunks()
+    order = pc.sort_indices(table.column("id")).to_numpy()  # (N,) by id
+    ids = table.column("id").take(pa.array(order))
+    duplicate = pc.equal(ids[1:], ids[:-1]) if len(ids) > 1 else pa.array([], pa.bool_())
+    if pc.any(duplicate).as_py():
+        first = int(np.flatnonzero(duplicate.to_numpy(zero_copy_only=False))[0])
+        raise ValueError(f"duplicate pair id {ids[first].as_py()!r} in the mine_negatives shards")
     own = pointer_codes(table.column("pair_shard").to_numpy(), table.column("pair_row").to_numpy())
-    negs = np.full((table.num_rows, mined_negatives), -1, dtype=np.int64)
-    for i, (shards_i, rows_i) in enumerate(zip(table.column("neg_shard").to_pylist(),
-                                                table.column("neg_row").to_pylist(), strict=True)):
-        n = min(len(shards_i), mined_negatives)
-        negs[i, :n] = pointer_codes(shards_i[:n], rows_i[:n])
+    negs = _first_pointers(table.column("neg_shard").chunk(0), table.column("neg_row").chunk(0),
+                           mined_negatives)  # (N, M)
     given = np.minimum(table.column("num_given").to_numpy(), given_negatives)
     pointers = np.concatenate([own[:, None], negs], axis=1)[order]  # (N, 1 + M)
     carried = ((pointers[:, 1:] >= 0).sum(axis=1) + given[order]).astype(np.int64)
-    datasets = np.asarray(table.column("dataset").to_pylist(), dtype=object)[order]
-    return MinedIndex(tuple(ids.tolist()), tuple(datasets.tolist()), pointers, carried)
+    datasets = table.column("dataset").combine_chunks().take(pa.array(order)).dictionary_encode()
+    names = datasets.dictionary.to_pylist()  # one str per dataset, shared by its rows
+    return MinedIndex(tuple(ids.to_pylist()),
+                      tuple(names[i] for i in datasets.indices.to_numpy()), pointers, carried)
+
+
+def _first_pointers(shards: pa.ListArray, rows: pa.ListArray, count: int) -> np.ndarray:
+    """(N, count) pointer codes of the first ``count`` entries of each row's lists, -1 past
+    their end (no per-row Python lists)."""
+    offsets = shards.offsets.to_numpy()  # (N + 1,)
+    flat_shards, flat_rows = shards.flatten().to_numpy(), rows.flatten().to_numpy()
+    out = np.full((len(shards), count), -1, dtype=np.int64)
+    for j in range(count):
+        has = np.flatnonzero(offsets[1:] - offsets[:-1] > j)  # rows with a (j+1)-th entry
+        at = offsets[has] + j
+        out[has, j] = pointer_codes(flat_shards[at], flat_rows[at])
+    return out
 
 
 def pairs_source(pairs_shards: list[str], index: MinedIndex) -> RowSource:
