@@ -116,6 +116,10 @@ def test_float32_export_round_trip_card_and_manifest(base_run, tmp_path, monkeyp
     assert manifest["family"] == "llava_next" and manifest["dtype"] == "float32"
     assert manifest["check"]["kind"] == "export_check" and manifest["check"]["rows"] == 3
     assert manifest["check"]["threshold"] == 0.9999 and manifest["min_cosine"] >= 0.9999
+    loaders = manifest["loaders"]  # the same folder through the three loaders of the card
+    assert set(loaders["min_cosine"]) == {"embedder", "sentence_transformers", "transformers"}
+    assert min(loaders["min_cosine"].values()) >= 0.9999 and not loaders["skipped"]
+    assert set(loaders["rows"]) == {"text", "image", "image+text"}
     written = outputs.read_manifest(str(tmp_path / "run" / "export"))
     assert written["min_cosine"] == manifest["min_cosine"] and written["destination"] == str(dest)
     # The marker file is the last one written into the destination.

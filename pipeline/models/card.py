@@ -7,6 +7,8 @@ from typing import Any
 from pipeline import storage
 from pipeline.data.schemas import IMAGE_PLACEHOLDER
 from pipeline.models.export import Source
+from pipeline.models.inputs import processor_class
+from pipeline.models.loading import sentence_transformers_prompts
 from pipeline.models.registry import format_text, get_backbone
 
 HEADLINE_METRICS = ("overall_mean_of_metatasks", "overall_mean_of_datasets",
@@ -28,6 +30,81 @@ def prompt_examples(family: str) -> list[tuple[str, str]]:
     ]
     return [(what, format_text(spec, text, has_image=has_image, mode=mode))
             for what, text, has_image, mode in rows]
+
+
+def transformers_snippet(destination: str) -> str:
+    """The card's plain-transformers recipe (no pipeline code); the tests run it."""
+    return f'''import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoProcessor
+
+path = "{destination}"  # a local folder (download an s3:// prefix first)
+processor = AutoProcessor.from_pretrained(path)
+model = AutoModel.from_pretrained(path, dtype="auto").eval()  # base model, no LM head
+
+
+def embed(rows, prompt_mode=None):
+    """rows: (text, PIL image or None) pairs -> (N, D) L2-normalised float32 tensor."""
+    conversations = [[{{"role": "user", "content": [{{"type": "image"}}] * (image is not None)
+                       + [{{"type": "text", "text": text}}]}}] for text, image in rows]
+    extra = {{}} if prompt_mode is None else {{"prompt_mode": prompt_mode}}
+    prompts = processor.apply_chat_template(conversations, **extra)  # the prompts above
+    images = [image for _, image in rows if image is not None]  # one per image row, in order
+    batch = processor(text=prompts, images=images or None, padding=True, padding_side="left",
+                      return_tensors="pt").to(model.device).to(model.dtype)
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state  # (N, L, D)
+    return F.normalize(hidden[:, -1].float(), dim=-1)  # left padding: -1 = last real token
+'''
+
+
+def sentence_transformers_lines(family: str, destination: str, prompt_mode: str) -> list[str]:
+    """The card's sentence-transformers usage and what it cannot express."""
+    prompts = sentence_transformers_prompts(prompt_mode)
+    named = ", ".join(f"`{name}` = {text!r}" for name, text in prompts.items() if text)
+    other_mode = "one_word" if prompt_mode == "instruction" else "instruction"
+    lines = [
+        "```python",
+        "from PIL import Image",
+        "from sentence_transformers import SentenceTransformer  # >= 6.2",
+        "",
+        f'model = SentenceTransformer("{destination}")  # a local folder',
+        'image = Image.open("dog.jpg").convert("RGB")',
+        'emb = model.encode(["A dog running on the beach.",  # text',
+        "                   image,  # image",
+        '                   {"image": image, "text": "What is the dog doing?"}])  # both',
+        "```", "",
+        "- Each input gives the vector of `Embedder.encode(texts=[text], images=[image])` "
+        "(an image alone: text `<|image_1|>`).",
+        "- `modules.json`: Transformer -> last-token Pooling -> Normalize. Every input (text, "
+        "image, `{\"image\", \"text\"}` dict, or chat messages) goes through the processor's "
+        "chat template (`chat_template.jinja`), which builds the prompts shown above in the "
+        "stored mode; inputs are left-padded.",
+        "- Another prompt mode for one call: `model.encode(..., processing_kwargs="
+        f'{{"chat_template": {{"prompt_mode": "{other_mode}"}}}})`.',
+        "- `prompt=` / `prompt_name=` text is put in front of the input's text (an "
+        "instruction, as in the pipeline's texts)" + (f"; named prompts: {named}." if named
+                                                       else "."),
+        "- One image per input: put `<|image_1|>` in a dict's text to place it inside the "
+        "text (else it goes in front). Not expressible: several images in one input, videos, "
+        "audio, and `(query, document)` pairs (they would be merged into one prompt); embed "
+        "each side separately.",
+        "- Inputs are not truncated (as by the Embedder; truncation could cut image tokens).",
+        "- The transformers load report `lm_head.weight | UNEXPECTED` is expected: the "
+        "embedding model is the base model without its LM head.",
+    ]
+    return lines + _family_notes(family)
+
+
+def _family_notes(family: str) -> list[str]:
+    spec = get_backbone(family)
+    if spec.requires_remote_code:
+        return ["- Not checked for this family (Phi-3.5-V, remote code: no AutoModel class, and "
+                "its processor takes one prompt per call): use `Embedder.from_pretrained`."]
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        return [f"- `AutoProcessor` (hence sentence-transformers) loads `{processor_class(spec)}`"
+                ", which needs `torchvision` for its video processor: install it."]
+    return []
 
 
 def _settings_line(name: str, section: dict[str, Any]) -> str:
@@ -113,6 +190,23 @@ def model_card(*, family: str, prompt_mode: str, dtype: str, destination: str,
         "image token. Examples of the final prompts:", "",
         *prompts,
         "## Usage", "",
+        "### sentence-transformers", "",
+        *sentence_transformers_lines(family, destination, prompt_mode),
+        "",
+        "### Plain transformers", "",
+        "The same vectors without this repository: render the prompts with the chat "
+        "template, left-pad, take the last position of the last hidden state, L2-normalise.",
+        "",
+        "```python",
+        transformers_snippet(destination).rstrip(),
+        "",
+        "",
+        "from PIL import Image",
+        'image = Image.open("dog.jpg").convert("RGB")',
+        'emb = embed([("A dog running on the beach.", None), ("", image),',
+        '             ("What is the dog doing?", image)])  # (3, D)',
+        "```", "",
+        "### This repository (the pipeline's own loader)", "",
         "```python",
         "from pipeline.models import Embedder",
         "",

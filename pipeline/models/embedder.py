@@ -23,12 +23,14 @@ from pipeline.models.loading import (
     read_backbone_meta,
     resolve_local,
     write_backbone_meta,
+    write_sentence_transformers_files,
 )
 from pipeline.models.registry import (
     IMAGE_PLACEHOLDER,
     PROMPT_MODES,
     BackboneSpec,
     PromptMode,
+    chat_template,
     format_text,
     resolve_path,
 )
@@ -68,14 +70,18 @@ class Embedder(torch.nn.Module):
         return cls(model, inputs, spec, prompt_mode=meta.get("prompt_mode", "one_word"))
 
     def save_pretrained(self, out_dir: str | Path) -> str:
-        """Model (safetensors) + tokenizer/image processor + ``unime_backbone.json``."""
+        """Model (safetensors), tokenizer, image processor and full processor config (whose
+        chat template renders this embedder's prompts), the sentence-transformers modules
+        (last-token pooling, normalisation, prompts) and ``unime_backbone.json``."""
         if hasattr(self.model, "peft_config"):
             raise ValueError("the model still carries LoRA adapters: call merge_lora() first "
                              "(or save the adapter with model.save_pretrained)")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(out)
-        self.inputs.save_pretrained(out)
+        self.inputs.save_pretrained(out, chat_template=chat_template(self.spec, self.prompt_mode))
+        write_sentence_transformers_files(out, embedding_dim=self.embedding_dim(),
+                                          prompt_mode=self.prompt_mode)
         write_backbone_meta(out, family=self.spec.family, prompt_mode=self.prompt_mode)
         logger.info("saved %s embedder to %s", self.spec.family, out)
         return str(out)

@@ -9,6 +9,13 @@ and must reproduce, row by row, the embeddings recorded in the stage's
 mode) to cosine >= 0.9999 for float32 (0.99 for bfloat16 / float16, or the looser threshold
 that stage itself held its merged model to). A plain folder without that file is compared
 with itself on fixed probe rows instead. A mismatch raises :class:`ExportMismatchError`.
+
+The folder also loads without this repository: :func:`check_loaders` encodes probe rows
+(texts, images, images with text) through ``Embedder.from_pretrained``,
+``sentence_transformers.SentenceTransformer`` (the folder's ``modules.json``: last-token
+pooling, normalisation, prompts via the processor's chat template) and plain transformers
+(``AutoProcessor`` + ``AutoModel`` as the model card spells it out) and requires the same
+vectors from each.
 """
 from __future__ import annotations
 
@@ -21,8 +28,9 @@ import os
 import shutil
 import struct
 import tempfile
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +42,8 @@ from PIL import Image
 from pipeline import download_cache, storage
 from pipeline.data.schemas import IMAGE_PLACEHOLDER
 from pipeline.models.embedder import Embedder
-from pipeline.models.loading import META_FILE
+from pipeline.models.inputs import ImageInput, auto_loader_blocker, load_image
+from pipeline.models.loading import META_FILE, default_device
 from pipeline.train.checkpoint import ExportMismatchError
 
 logger = logging.getLogger(__name__)
@@ -208,13 +217,152 @@ def write_folder(local_src: str, out_dir: str, *, dtype: str,
     return {**info, "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
 
 
+# -- the three ways to load an exported folder ----------------------------------------------
+def loader_probe() -> tuple[list[str], list[bytes | None]]:
+    """Probe rows of every input kind: texts, images alone, images with text."""
+    image = probe_image()
+    texts = [*PROBE_TEXTS[:2], IMAGE_PLACEHOLDER, PROBE_TEXTS[2],
+             f"{IMAGE_PLACEHOLDER}\n{PROBE_TEXTS[3]}"]
+    return texts, [None, None, image, image, image]
+
+
+def row_kind(text: str, image: ImageInput) -> str:
+    """text, image (no text besides the placeholder) or image+text."""
+    if image is None:
+        return "text"
+    return "image+text" if text.replace(IMAGE_PLACEHOLDER, "").strip() else "image"
+
+
+def sentence_transformers_inputs(texts: Sequence[str], images: Sequence[ImageInput]
+                                 ) -> list[Any]:
+    """Embedder rows as sentence-transformers inputs: a text, a PIL image, or a dict
+    ``{"image": ..., "text": ...}`` (the text may hold ``<|image_1|>``, as for the Embedder)."""
+    rows: list[Any] = []
+    for text, image in zip(texts, images, strict=True):
+        kind, pil = row_kind(text, image), load_image(image)
+        rows.append(text if kind == "text" else pil if kind == "image"
+                    else {"image": pil, "text": text})
+    return rows
+
+
+def encode_sentence_transformers(local_dir: str | Path, texts: Sequence[str],
+                                 images: Sequence[ImageInput], *, mode: str | None,
+                                 dtype: str, device: str,
+                                 trust_remote_code: bool = False) -> torch.Tensor:
+    """(P, D) vectors of the rows by ``SentenceTransformer(local_dir)``."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(local_dir), device=device, local_files_only=True,
+                                trust_remote_code=trust_remote_code,
+                                model_kwargs={"dtype": dtype})
+    kwargs = {} if mode is None else {"processing_kwargs": {"chat_template": {"prompt_mode": mode}}}
+    emb = model.encode(sentence_transformers_inputs(texts, images), convert_to_tensor=True,
+                       batch_size=16, **kwargs)  # (P, D)
+    return emb.float().cpu()
+
+
+def encode_transformers(local_dir: str | Path, texts: Sequence[str],
+                        images: Sequence[ImageInput], *, mode: str | None, dtype: str,
+                        device: str, trust_remote_code: bool = False) -> torch.Tensor:
+    """(P, D) vectors by plain transformers, as the model card spells it out: the chat
+    template renders each row's prompt, the processor left-pads, and the embedding is the
+    L2-normalised last hidden state at the last position."""
+    from transformers import AutoModel, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(local_dir, trust_remote_code=trust_remote_code)
+    model = AutoModel.from_pretrained(local_dir, dtype=dtype,
+                                      trust_remote_code=trust_remote_code).to(device).eval()
+    pils = [load_image(image) for image in images]
+    conversations = [[{"role": "user", "content": [{"type": "image"}] * (pil is not None)
+                       + [{"type": "text", "text": text}]}]
+                     for text, pil in zip(texts, pils, strict=True)]
+    prompts = processor.apply_chat_template(conversations, **(
+        {} if mode is None else {"prompt_mode": mode}))
+    present = [pil for pil in pils if pil is not None]  # one per image row, in row order
+    batch = processor(text=prompts, images=present or None, padding=True, padding_side="left",
+                      return_tensors="pt").to(device).to(model.dtype)
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state  # (P, L, D)
+    return F.normalize(hidden[:, -1].float(), dim=-1).cpu()  # (P, D)
+
+
+def check_loaders(path: str | Path, probe_texts: Sequence[str] | None = None,
+                  probe_images: Sequence[ImageInput] | None = None, *,
+                  mode: str | None = None, reference: torch.Tensor | None = None,
+                  dtype: str | None = None, threshold: float | None = None,
+                  device: str | None = None, trust_remote_code: bool = False
+                  ) -> dict[str, Any]:
+    """Load an exported folder three ways (``Embedder.from_pretrained``,
+    ``SentenceTransformer``, plain transformers as in the card), encode the probe rows with
+    each and compare row by row with ``reference`` (default: the Embedder's own vectors).
+
+    ``path``: a local folder or an ``s3://`` prefix (copied fresh into a temporary folder).
+    Rows default to :func:`loader_probe` (texts, images, images with text). ``dtype``
+    defaults to the stored one, ``threshold`` to 0.9999 (float32) or 0.99. A loader that
+    cannot run here (Qwen's AutoProcessor without torchvision; Phi-3.5-V) is skipped with a
+    WARNING, its reason recorded.
+    Returns ``{"min_cosine": {loader: float}, "skipped": {loader: reason}, "threshold",
+    "rows": {kind: count}, "mode"}``; raises ExportMismatchError when a loader falls below.
+    """
+    if probe_texts is None:
+        texts, images = loader_probe()
+    else:
+        texts = list(probe_texts)
+        images = list(probe_images) if probe_images is not None else [None] * len(texts)
+    with tempfile.TemporaryDirectory(prefix="unime-loaders-") as scratch:
+        local = Path(_local_copy(str(path), scratch))  # s3://: a fresh copy, never the cache
+        dtype = dtype or stored_dtype(local)
+        threshold = min_cosine_for(dtype) if threshold is None else threshold
+        vectors, skipped = encode_with_loaders(local, texts, images, mode=mode, dtype=dtype,
+                                               device=str(default_device(device)),
+                                               trust_remote_code=trust_remote_code)
+    reference = vectors["embedder"] if reference is None else reference
+    cosines = {name: float(row_cosines(emb, reference).min()) for name, emb in vectors.items()}
+    result = {"min_cosine": cosines, "skipped": skipped, "threshold": threshold, "mode": mode,
+              "rows": dict(Counter(row_kind(t, i) for t, i in zip(texts, images, strict=True)))}
+    bad = {name: round(c, 6) for name, c in cosines.items() if c < threshold}
+    if bad:
+        raise ExportMismatchError(f"{path}: loaders {bad} do not reproduce the reference "
+                                  f"vectors (min cosine < {threshold}; all: {cosines})")
+    logger.info("export: loaders of %s agree: %s", path, cosines)
+    return result
+
+
+def encode_with_loaders(local_dir: Path, texts: list[str], images: list[ImageInput], *,
+                        mode: str | None, dtype: str, device: str, trust_remote_code: bool
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """({loader: (P, D) vectors}, {skipped loader: reason}), one model in memory at a time."""
+    kwargs = dict(mode=mode, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    embedder = Embedder.from_pretrained(local_dir, dtype=dtype, device=device,
+                                        trust_remote_code=trust_remote_code)
+    blocker, family = auto_loader_blocker(embedder.spec), embedder.spec.family
+    vectors = {"embedder": embedder.encode(texts, images, mode=mode)}  # (P, D)
+    del embedder
+    skipped: dict[str, str] = {}
+    for name, encode in (("sentence_transformers", encode_sentence_transformers),
+                         ("transformers", encode_transformers)):
+        if blocker:
+            skipped[name] = blocker
+            logger.warning("export: %s loader of the %s folder %s skipped: %s", name, family,
+                           local_dir, blocker)
+            continue
+        start = time.perf_counter()
+        vectors[name] = encode(local_dir, texts, images, **kwargs)  # (P, D)
+        if torch.cuda.is_available():  # the next model may need the memory
+            torch.cuda.empty_cache()
+        logger.info("export: %s loader encoded %d rows in %.1fs", name, len(texts),
+                    time.perf_counter() - start)
+    return vectors, skipped
+
+
 def export_and_check(source: Source, destination: str, *, requested_dtype: str,
                      trust_remote_code: bool,
                      card: Callable[[str, str, str], str]) -> dict[str, Any]:
     """Cast and save the source with its card, upload it, check the uploaded copy.
 
     ``card(family, prompt_mode, dtype)`` returns the README. Returns the manifest fields:
-    dtype, stored_dtype, family, prompt_mode, embedding_dim, files, bytes, check, min_cosine.
+    dtype, stored_dtype, family, prompt_mode, embedding_dim, files, bytes, check, min_cosine,
+    loaders (:func:`check_loaders`: the three loaders' min cosines).
     """
     with tempfile.TemporaryDirectory(prefix="unime-export-") as scratch:
         local_src = _local_copy(source.uri, os.path.join(scratch, "source"))
@@ -233,6 +381,10 @@ def export_and_check(source: Source, destination: str, *, requested_dtype: str,
         logger.info("export: %s (%s, %s) -> %s", source.uri, info["family"], dtype, destination)
         worst = round_trip(destination, probe, dtype=dtype,
                            trust_remote_code=trust_remote_code, scratch=scratch)
+    # The same folder through sentence-transformers and plain transformers (the card's
+    # recipe), on texts, images and images with text: each must give the Embedder's vectors.
+    loaders = check_loaders(destination, dtype=dtype, trust_remote_code=trust_remote_code)
     return {"dtype": dtype, "stored_dtype": stored, **info, "min_cosine": worst,
+            "loaders": loaders,
             "check": {"kind": probe.kind, "rows": len(probe.texts), "mode": probe.mode,
                       "threshold": probe.threshold, "uri": source.check_uri}}

@@ -9,6 +9,8 @@ not depend on the padding its batch needs.
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +23,11 @@ from pipeline.models.registry import BackboneSpec
 logger = logging.getLogger(__name__)
 
 ImageInput = bytes | Image.Image | None
+PROCESSOR_CONFIG_FILE = "processor_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# Packages AutoProcessor needs for a family beyond the pipeline's own (the pipeline itself
+# builds Qwen inputs from the PIL image processor and the tokenizer).
+_AUTO_PROCESSOR_NEEDS = {"qwen2_vl": "torchvision", "qwen2_5_vl": "torchvision"}
 
 
 class InputBuilder(Protocol):
@@ -32,7 +39,9 @@ class InputBuilder(Protocol):
     def __call__(self, prompts: list[str], images: list[Image.Image | None]
                  ) -> dict[str, torch.Tensor]: ...
 
-    def save_pretrained(self, out_dir: str | Path) -> None: ...
+    def save_pretrained(self, out_dir: str | Path, *, chat_template: str) -> None:
+        """Tokenizer, image processor and the full processor config (``processor_config.json``
+        with ``chat_template.jinja``), so that ``AutoProcessor.from_pretrained`` loads it."""
 
 
 def to_pil(image: bytes | Image.Image) -> Image.Image:
@@ -93,9 +102,10 @@ class LlavaNextInputs:
         out["position_ids"] = position_ids_from_mask(out["attention_mask"])  # (B, L)
         return out
 
-    def save_pretrained(self, out_dir: str | Path) -> None:
-        self.tokenizer.save_pretrained(out_dir)
-        self.image_processor.save_pretrained(out_dir)
+    def save_pretrained(self, out_dir: str | Path, *, chat_template: str) -> None:
+        self.image_processor.save_pretrained(out_dir)  # preprocessor_config.json (transformers 4)
+        self.processor.chat_template = chat_template
+        self.processor.save_pretrained(out_dir)  # tokenizer, processor_config.json, chat template
 
 
 class QwenVLInputs:
@@ -139,9 +149,17 @@ class QwenVLInputs:
         return [p.replace(token, token * next(it)) if image is not None else p
                 for p, image in zip(prompts, images, strict=True)]
 
-    def save_pretrained(self, out_dir: str | Path) -> None:
+    def save_pretrained(self, out_dir: str | Path, *, chat_template: str) -> None:
+        """What ``Qwen2VLProcessor.save_pretrained`` writes, by hand: that class cannot be built
+        without torchvision (its video processor), but the folder must load where it exists."""
         self.tokenizer.save_pretrained(out_dir)
         self.image_processor.save_pretrained(out_dir)
+        image = self.image_processor.to_dict()
+        video = {key: image[key] for key in ("patch_size", "temporal_patch_size", "merge_size",
+                                             "image_mean", "image_std", "size") if key in image}
+        config = {"processor_class": processor_class(self.spec), "image_processor": image,
+                  "video_processor": {**video, "video_processor_type": "Qwen2VLVideoProcessor"}}
+        write_processor_config(out_dir, config, chat_template)
 
 
 class Phi3VInputs:
@@ -181,7 +199,8 @@ class Phi3VInputs:
             out["image_sizes"] = torch.cat([row["image_sizes"] for row in with_image])  # (I, 2)
         return out
 
-    def save_pretrained(self, out_dir: str | Path) -> None:
+    def save_pretrained(self, out_dir: str | Path, *, chat_template: str) -> None:
+        self.processor.chat_template = chat_template
         self.processor.save_pretrained(out_dir)
 
 
@@ -190,6 +209,34 @@ def _pad_dim1(x: torch.Tensor, size: int) -> torch.Tensor:
         return x
     pad = x.new_zeros((x.shape[0], size - x.shape[1], *x.shape[2:]))
     return torch.cat([x, pad], dim=1)
+
+
+def processor_class(spec: BackboneSpec) -> str:
+    """The family's transformers processor class name (``...Processor``)."""
+    if spec.requires_remote_code:
+        return "Phi3VProcessor"  # the checkpoint's remote code
+    return spec.model_class.replace("ForConditionalGeneration", "Processor")
+
+
+def write_processor_config(out_dir: str | Path, config: dict[str, Any], chat_template: str) -> None:
+    """``processor_config.json`` and ``chat_template.jinja`` as ``ProcessorMixin`` saves them."""
+    out = Path(out_dir)
+    (out / PROCESSOR_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out / CHAT_TEMPLATE_FILE).write_text(chat_template)
+
+
+def auto_loader_blocker(spec: BackboneSpec) -> str | None:
+    """Why ``AutoProcessor`` / ``AutoModel`` (sentence-transformers, plain transformers) cannot
+    load this family's folder here, or None."""
+    if spec.requires_remote_code:
+        return (f"not supported for {spec.family}: its remote code registers no AutoModel class "
+                "and its processor takes one prompt per call (use Embedder.from_pretrained)")
+    package = _AUTO_PROCESSOR_NEEDS.get(spec.family)
+    if package is None or importlib.util.find_spec(package) is not None:
+        return None
+    return (f"{processor_class(spec)} (what AutoProcessor and sentence-transformers load for "
+            f"{spec.family}) needs {package} for its video processor, and {package} is not "
+            "installed")
 
 
 def build_inputs(spec: BackboneSpec, local_dir: str | Path, model_config: Any, *,

@@ -1,4 +1,5 @@
-"""Load a backbone folder (local or ``s3://``) into (model, input builder, spec).
+"""Load a backbone folder (local or ``s3://``) into (model, input builder, spec); write the
+folder's metadata (``unime_backbone.json``) and its sentence-transformers modules.
 
 The family comes from ``unime_backbone.json`` (written by ``build_tiny_model`` and
 ``Embedder.save_pretrained``), else from config.json's ``model_type``. Weights load from
@@ -21,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 META_FILE = "unime_backbone.json"
 META_FORMAT_VERSION = 1
+_ST_MODULES = (("", "sentence_transformers.base.modules.transformer.Transformer"),
+               ("1_Pooling", "sentence_transformers.sentence_transformer.modules.pooling.Pooling"),
+               ("2_Normalize", "sentence_transformers.base.modules.normalize.Normalize"))
 
 
 class RemoteCodeRequiredError(ValueError):
@@ -36,6 +40,53 @@ def write_backbone_meta(out_dir: str | Path, *, family: str, pooling: str = "las
     path = Path(out_dir) / META_FILE
     path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def sentence_transformers_prompts(prompt_mode: str) -> dict[str, str]:
+    """Named prompts for ``SentenceTransformer.encode(prompt_name=...)``: the instructions the
+    evaluate step puts in front of captions and image targets in instruction mode (none in the
+    other modes, whose wrapping is all in the chat template)."""
+    from pipeline.eval.sets import CAPTION_PREFIX, IMAGE_TEXT
+
+    prompts = {"query": "", "document": ""}
+    if prompt_mode == "instruction":
+        prompts.update(caption_query=CAPTION_PREFIX[prompt_mode],
+                       image_document=IMAGE_TEXT[prompt_mode])
+    return prompts
+
+
+def write_sentence_transformers_files(out_dir: str | Path, *, embedding_dim: int,
+                                      prompt_mode: str) -> list[str]:
+    """The sentence-transformers modules of an embedder folder: the Transformer module (the
+    folder itself; every input goes through the processor's chat template, left-padded), last-
+    token pooling, L2 normalisation, and the named prompts. Returns the files written."""
+    out = Path(out_dir)
+    forward = {"method": "forward", "method_output_name": "last_hidden_state"}
+    files = {
+        "modules.json": [{"idx": i, "name": str(i), "path": path, "type": module}
+                         for i, (path, module) in enumerate(_ST_MODULES)],
+        "sentence_bert_config.json": {
+            "transformer_task": "feature-extraction",
+            "modality_config": {"text": forward, "image": forward, "image+text": forward,
+                                "message": {**forward, "format": "structured"}},
+            "module_output_name": "token_embeddings",
+            # As the Embedder: left padding, no truncation (it could cut image tokens).
+            "processing_kwargs": {"text": {"padding_side": "left", "truncation": False}}},
+        "1_Pooling/config.json": {"embedding_dimension": embedding_dim,
+                                  "pooling_mode": "lasttoken", "include_prompt": True},
+        "2_Normalize/config.json": {"module_input_name": "sentence_embedding",
+                                    "module_output_name": "sentence_embedding"},
+        "config_sentence_transformers.json": {
+            "model_type": "SentenceTransformer", "prompts": sentence_transformers_prompts(
+                prompt_mode), "default_prompt_name": None, "similarity_fn_name": "cosine",
+            "requirements": {"sentence_transformers": {
+                "specifier": ">=6.2", "reason": "multimodal inputs through the processor's "
+                "chat template (checked with 6.2.0)"}}},
+    }
+    for name, content in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(json.dumps(content, indent=2) + "\n")
+    return list(files)
 
 
 def read_backbone_meta(local_dir: str | Path) -> dict[str, Any]:
