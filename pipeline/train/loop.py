@@ -277,9 +277,8 @@ def steps_per_rank(complete_steps_by_rank: Sequence[int]) -> int:
         detail = ", ".join(f"rank {r}: {n}" for r, n in enumerate(counts))
         raise StepMismatchError(
             f"ranks have different numbers of complete batches this epoch ({detail}); "
-            "they would run unequal steps and hang in a collective. Every worker must see "
-            "the whole dataset (DataConfig(datasets_to_split=[])) and the input must not "
-            "change during the run")
+            "they would run unequal steps and hang in a collective. Every worker must get "
+            "the same loop settings (row keys, schedule) from the driver")
     return counts[0]
 
 
