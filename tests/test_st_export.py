@@ -286,3 +286,23 @@ def test_card_says_how_to_load_it_elsewhere(exported):
         assert expected in card, expected
     assert ("`caption_query`" in card) == (exported.prompt_mode == "instruction")
     assert ("torchvision" in card) == exported.family.startswith("qwen")
+
+
+def test_card_states_epochs_trained_and_skips_all_dash_metrics() -> None:
+    """Stage 2 ran 660 steps of 4 per epoch: the card says 165 epochs and marks the config's
+    epochs unused; a headline metric no model has (all dashes) gets no row."""
+    from pipeline.models.card import eval_lines, training_lines
+    from pipeline.models.export import Source
+
+    manifest = {"steps": 660, "steps_per_epoch": 4, "first_loss": 6.0, "final_loss": 2.2,
+                "config": {"stage2": {"epochs": 1, "steps": 660, "batching": "per_dataset"}}}
+    card = "\n".join(training_lines(Source("/m", "stage2", manifest, None),
+                                    {"stage2": manifest}))
+    assert "stage2: 660 steps, loss 6.0000 -> 2.2000 (165 epochs of 4 steps)" in card
+    assert "epochs=1 (unused: steps=660 set the schedule)" in card
+    report = {"results": {"m": {"mmeb": {"overall_mean_of_datasets": 41.7,
+                                         "overall_mean_of_metatasks": None}}},
+              "models": {"m": {"path": "/m"}}}
+    table = "\n".join(eval_lines(report, "/m"))
+    assert "overall_mean_of_datasets | 41.70" in table
+    assert "overall_mean_of_metatasks" not in table

@@ -112,6 +112,22 @@ def _settings_line(name: str, section: dict[str, Any]) -> str:
     return f"- `{name}`: {values}"
 
 
+def _epochs_trained(manifest: dict[str, Any]) -> str:
+    """`` (165 epochs of 4 steps)`` from a stage manifest's steps and steps per epoch."""
+    steps, per_epoch = manifest.get("steps"), manifest.get("steps_per_epoch")
+    if not isinstance(steps, int) or not isinstance(per_epoch, int) or per_epoch <= 0:
+        return ""
+    return f" ({steps / per_epoch:.4g} epochs of {per_epoch} steps)"
+
+
+def _schedule_noted(section: dict[str, Any]) -> dict[str, Any]:
+    """A stage's settings, with ``epochs`` marked unused where ``steps`` set the schedule."""
+    if section.get("steps") and "epochs" in section:
+        return {**section, "epochs": f"{section['epochs']} (unused: steps={section['steps']} "
+                                     "set the schedule)"}
+    return section
+
+
 def training_lines(source: Source, stage_manifests: dict[str, dict[str, Any]]) -> list[str]:
     """The card's training section: losses per stage, then the settings that made it."""
     if source.stage is None:
@@ -122,10 +138,11 @@ def training_lines(source: Source, stage_manifests: dict[str, dict[str, Any]]) -
         first, final = manifest.get("first_loss"), manifest.get("final_loss")
         loss = (f"loss {first:.4f} -> {final:.4f}" if first is not None and final is not None
                 else "loss not recorded")
-        lines.append(f"- {stage}: {manifest.get('steps', '?')} steps, {loss}")
+        lines.append(f"- {stage}: {manifest.get('steps', '?')} steps, {loss}"
+                     f"{_epochs_trained(manifest)}")
     config = (source.manifest or {}).get("config", {})
     sections = [*stage_manifests, "model", "train"]
-    settings = [_settings_line(name, config[name]) for name in sections
+    settings = [_settings_line(name, _schedule_noted(config[name])) for name in sections
                 if isinstance(config.get(name), dict)]
     if settings:
         lines += ["", "Settings (from the stage manifests):", "", *settings]
@@ -159,6 +176,8 @@ def eval_lines(report: dict[str, Any] | None, source_uri: str) -> list[str]:
     for set_name, names in sets.items():
         for metric in sorted(names, key=_headline_order):
             cells = [report["results"][lb].get(set_name, {}).get(metric) for lb in labels]
+            if all(v is None for v in cells):  # e.g. meta-task means with no meta-task
+                continue
             lines.append(f"| {set_name} | {metric} | " + " | ".join(
                 "-" if v is None else f"{v:.2f}" for v in cells) + " |")
     if not mine:
