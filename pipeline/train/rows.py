@@ -9,7 +9,7 @@ the rows it refers to (``-1`` = none). Per epoch, :func:`exchange_epoch`:
 
 1. computes, on every rank alike, which pointers each rank needs for its steps from the
    resume position on (the epoch order is known everywhere);
-2. reads the shards assigned to this rank (:func:`assign_shards`: balanced by rows,
+2. reads the shards assigned to this rank (:func:`assign_shards`: balanced by file bytes,
    deterministic; a shard no rank needs is skipped), only the columns asked for;
 3. sends every rank its rows of those shards with ``scatter_object_list`` on a gloo group
    (one round per shard index; Arrow tables pickle as their buffers).
@@ -91,34 +91,46 @@ class EpochRows:
     def __post_init__(self) -> None:
         self._own_index = _CodeIndex(self.own)
         self._ref_index = _CodeIndex(self.refs)
+        self._own_chunks = _Chunks(self.own)
+        self._ref_chunks = _Chunks(self.refs)
 
     def batch(self, positions: np.ndarray) -> RowBatch:
         """The rows at sorted-key ``positions`` (n,) and their refs."""
         pointers = self.source.pointers[positions]  # (n, 1 + E)
         refs = pointers[:, 1:]
         valid = refs >= 0
-        return RowBatch(own=take_rows(self.own, self._own_index.find(pointers[:, 0])),
-                        refs=take_rows(self.refs, self._ref_index.find(refs[valid])),
+        return RowBatch(own=self._own_chunks.take(self._own_index.find(pointers[:, 0])),
+                        refs=self._ref_chunks.take(self._ref_index.find(refs[valid])),
                         ref_counts=valid.sum(axis=1))
 
 
 def take_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
-    """``table.take(rows)`` touching only the chunks that hold them: a table of many chunks
-    (the received pieces, kept as they came: no copy of the epoch's rows) would otherwise be
-    concatenated whole for every take."""
-    rows = np.asarray(rows, dtype=np.int64)
-    if table.num_columns == 0 or not rows.size:
-        return table.slice(0, 0)
-    batches = table.to_batches()
-    starts = np.cumsum([0] + [b.num_rows for b in batches])  # (B + 1,)
-    chunk = np.searchsorted(starts, rows, side="right") - 1   # (n,)
-    parts, order = [], []
-    for c in np.unique(chunk):
-        picked = np.flatnonzero(chunk == c)
-        parts.append(batches[c].take(pa.array(rows[picked] - starts[c])))
-        order.append(picked)
-    taken = pa.Table.from_batches(parts, schema=table.schema).combine_chunks()  # (n,) small
-    return taken.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
+    """``table.take(rows)`` touching only the chunks that hold them (see :class:`_Chunks`)."""
+    return _Chunks(table).take(rows)
+
+
+class _Chunks:
+    """A table's record batches and where each starts, found once: a take touches only the
+    chunks that hold its rows. A table of many chunks (the received pieces, kept as they
+    came: no copy of the epoch's rows) would otherwise be concatenated whole on every take."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+        self.batches = table.to_batches()
+        self.starts = np.cumsum([0] + [b.num_rows for b in self.batches])  # (B + 1,)
+
+    def take(self, rows: np.ndarray) -> pa.Table:
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.table.num_columns == 0 or not rows.size:
+            return self.table.slice(0, 0)
+        chunk = np.searchsorted(self.starts, rows, side="right") - 1   # (n,)
+        parts, order = [], []
+        for c in np.unique(chunk):
+            picked = np.flatnonzero(chunk == c)
+            parts.append(self.batches[c].take(pa.array(rows[picked] - self.starts[c])))
+            order.append(picked)
+        taken = pa.Table.from_batches(parts, schema=self.table.schema).combine_chunks()
+        return taken.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
 
 
 class _CodeIndex:

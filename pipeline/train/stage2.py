@@ -53,7 +53,14 @@ from pipeline.config import Config, ConfigError, Stage2Config
 from pipeline.models.student import StudentSource
 from pipeline.train import loop
 from pipeline.train.lora import attach_lora, check_lora_only, parameter_counts, train_mode
-from pipeline.train.rows import RowBatch, RowSource, pointer_codes, source_from_shards
+from pipeline.train.rows import (
+    ROW_BITS,
+    ROW_MASK,
+    RowBatch,
+    RowSource,
+    pointer_codes,
+    source_from_shards,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -440,7 +447,7 @@ def probe_rows(source: RowSource) -> list[PairRow]:
 
     codes = source.pointers[:NUM_PROBE_ROWS, 0]
     folder = source.shards[0].rsplit("/", 1)[0]
-    table = read_rows(folder, np.stack([codes >> 32, codes & 0xFFFFFFFF], axis=1),
+    table = read_rows(folder, np.stack([codes >> ROW_BITS, codes & ROW_MASK], axis=1),
                       list(PAIR_COLUMNS))
     return decode_pairs(table, table.slice(0, 0).select([]), [0] * table.num_rows,
                         given_negatives=0)
