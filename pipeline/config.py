@@ -395,6 +395,13 @@ class ExportConfig:
                              "<run_root>/export/model")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _knob(
         "auto", help="dtype of the exported weights; auto = as the source folder stores them")
+    base_model: str = _knob("", help="card metadata base_model: the Hugging Face Hub id of the "
+                            "student backbone (e.g. Qwen/Qwen2-VL-2B-Instruct); '' = model.path "
+                            "(set the hub id before publishing)")
+    license: str = _knob("other", help="card metadata license: the base model's license id "
+                         "(apache-2.0, mit, ...); other = unknown, check before publishing")
+    datasets: tuple[str, ...] = _knob((), help="card metadata datasets: Hub ids of the "
+                                      "training data (e.g. TIGER-Lab/MMEB-train)")
 
 
 @dataclass(frozen=True)

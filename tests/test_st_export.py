@@ -306,3 +306,110 @@ def test_card_states_epochs_trained_and_skips_all_dash_metrics() -> None:
     table = "\n".join(eval_lines(report, "/m"))
     assert "overall_mean_of_datasets | 41.70" in table
     assert "overall_mean_of_metatasks" not in table
+
+
+# ---------------------------------------------------------------------------------------
+# Hugging Face metadata and vLLM settings
+
+# Architectures vLLM's model registry serves for these families (its pooling runner converts
+# them with --convert embed); the exported config.json must name one of them.
+VLLM_ARCHITECTURES = {"llava_next": "LlavaNextForConditionalGeneration",
+                      "qwen2_vl": "Qwen2VLForConditionalGeneration",
+                      "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+
+
+def card_metadata(card: str) -> dict:
+    import yaml
+
+    assert card.startswith("---\n"), card[:40]
+    head, sep, _ = card[4:].partition("\n---\n")
+    assert sep, "no closing --- of the front matter"
+    return yaml.safe_load(head)
+
+
+def test_card_front_matter_has_the_hub_fields_and_this_models_numbers() -> None:
+    from huggingface_hub import ModelCard
+
+    from pipeline.models.card import CardMeta
+
+    report = {"results": {
+        "base": {"mmeb": {"overall_mean_of_datasets": 3.7, "VOC2007": 5.0}},
+        "stage2": {"mmeb": {"overall_mean_of_datasets": 41.6617, "overall_mean_of_metatasks": None,
+                            "VOC2007": 60.0},
+                   "retrieval": {"t2i_R@1": 22.25, "i2t_R@10": 70.0, "t2i_R@5": None},
+                   "sugarcrepe": {"mean": 71.79, "replace_att": 70.0}}},
+        "models": {"base": {"path": "tiny:llava_next"}, "stage2": {"path": "/runs/x/stage2/model"}}}
+    meta = CardMeta(base_model="llava-hf/llava-v1.6-mistral-7b-hf", license="apache-2.0",
+                    datasets=("TIGER-Lab/MMEB-train",))
+    card = model_card(family="llava_next", prompt_mode="instruction", dtype="float32",
+                      destination="/out", source=Source("/runs/x/stage2/model", None, None, None),
+                      run_name="demo-abc", stage_manifests={}, report=report, meta=meta)
+    data = card_metadata(card)
+    assert data["library_name"] == "sentence-transformers"
+    assert data["pipeline_tag"] == "feature-extraction"
+    assert data["base_model"] == "llava-hf/llava-v1.6-mistral-7b-hf"
+    assert data["license"] == "apache-2.0"
+    assert data["datasets"] == ["TIGER-Lab/MMEB-train"]
+    assert {"sentence-transformers", "llava_next"} <= set(data["tags"])
+    (entry,) = data["model-index"]
+    assert entry["name"] == "demo-abc"
+    got = {(r["dataset"]["name"], m["name"]): (m["type"], m["value"])
+           for r in entry["results"] for m in r["metrics"]}
+    # This model's headline numbers only (not the base model's, not per dataset, no nulls).
+    assert got == {("mmeb", "overall_mean_of_datasets"): ("precision_at_1", 41.6617),
+                   ("retrieval", "t2i_R@1"): ("recall_at_1", 22.25),
+                   ("retrieval", "i2t_R@10"): ("recall_at_10", 70.0),
+                   ("sugarcrepe", "mean"): ("accuracy", 71.79)}
+    # The Hub's own parser reads the same results.
+    parsed = ModelCard(card).data
+    assert parsed.library_name == "sentence-transformers"
+    assert sorted(r.metric_value for r in parsed.eval_results) == [22.25, 41.6617, 70.0, 71.79]
+
+
+def test_card_front_matter_without_a_report_or_base_model() -> None:
+    card = model_card(family="qwen2_vl", prompt_mode="one_word", dtype="float32",
+                      destination="/out", source=Source("/m", None, None, None), run_name="r",
+                      stage_manifests={}, report=None)
+    data = card_metadata(card)
+    assert "model-index" not in data and "base_model" not in data
+    assert data["license"] == "other" and data["datasets"] == []
+
+
+def test_exported_card_front_matter_parses(exported):
+    data = card_metadata((exported.path / "README.md").read_text())
+    assert data["library_name"] == "sentence-transformers"
+    assert exported.family in data["tags"]
+
+
+def test_vllm_settings_are_the_folders_pooling_and_prompts(exported):
+    """vLLM is not installed here: its settings are checked against what the folder holds."""
+    from pipeline.models.card import vllm_settings
+
+    spec, path = get_backbone(exported.family), exported.path
+    settings = vllm_settings(exported.family, exported.prompt_mode)
+    modules = [m["type"].rsplit(".", 1)[1]
+               for m in json.loads((path / "modules.json").read_text())]
+    pooling = json.loads((path / "1_Pooling" / "config.json").read_text())
+    assert settings["pooler_config"] == {"pooling_type": "LAST", "normalize": True}
+    assert pooling["pooling_mode"] == "lasttoken" and modules[-1] == "Normalize"
+    assert settings["runner"] == "pooling" and settings["convert"] == "embed"
+    assert settings["trust_remote_code"] is spec.requires_remote_code
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == [VLLM_ARCHITECTURES[exported.family]]
+    # The card's serve line carries these settings.
+    card = (path / "README.md").read_text()
+    pooler = json.dumps(settings["pooler_config"])
+    assert (f"vllm serve {path} --runner pooling --convert embed --pooler-config '{pooler}'"
+            in card)
+    # vLLM hands the chat template image parts as {"type": "image"} (OpenAI content format):
+    # with the card's chat_template_kwargs every kind renders the Embedder's prompt, in every mode.
+    template = (path / "chat_template.jinja").read_text()
+    for mode in PROMPT_MODES:
+        kwargs = vllm_settings(exported.family, mode)["chat_template_kwargs"]
+        for text, has_image in (("A dog running.", False), ("", True), ("What is it?", True)):
+            content = [{"type": "image"}] * has_image + [{"type": "text", "text": text}] * bool(text)
+            (got,), _ = render_jinja_template(
+                conversations=[[{"role": "user", "content": content}]], chat_template=template,
+                **kwargs)
+            assert got == format_text(spec, text or IMAGE_PLACEHOLDER * has_image,
+                                      has_image=has_image, mode=mode)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-IMAGE_PLACEHOLDER = "<|image_1|>"
+from pipeline.data.conventions import IMAGE_PLACEHOLDER  # noqa: F401  (re-exported)
 
 # One NLI row or text pair: anchor, paraphrase (entailment), contradiction.
 TEXT_GROUPS = pa.schema([

@@ -1,18 +1,33 @@
-"""The model card (README.md) of an exported folder: what the embedding is, the family's
-prompts, usage, the training that made it and the evaluation numbers of the run."""
+"""The model card (README.md) of an exported folder: Hugging Face metadata (YAML front
+matter), what the embedding is, the family's prompts, usage (sentence-transformers, plain
+transformers, vLLM), the training that made it and the evaluation numbers of the run."""
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline import storage
-from pipeline.data.schemas import IMAGE_PLACEHOLDER
+from pipeline.data.conventions import IMAGE_PLACEHOLDER
 from pipeline.models.export import Source
 from pipeline.models.inputs import processor_class
 from pipeline.models.loading import sentence_transformers_prompts
 from pipeline.models.registry import format_text, get_backbone
 
+PIPELINE_TAG = "feature-extraction"
+# metric type (model-index) of a set's headline numbers; retrieval's R@K -> recall_at_K
+METRIC_TYPES = {"mmeb": "precision_at_1", "sugarcrepe": "accuracy"}
 HEADLINE_METRICS = ("overall_mean_of_metatasks", "overall_mean_of_datasets",
                     "in_distribution_mean", "out_of_distribution_mean", "mean")
+
+
+@dataclass(frozen=True)
+class CardMeta:
+    """The card's Hugging Face metadata that a run cannot know (the ``export.*`` knobs)."""
+
+    base_model: str = ""              # Hub id of the student backbone ('' = left out)
+    license: str = "other"            # the base model's license id
+    datasets: tuple[str, ...] = ()    # Hub ids of the training data
 
 
 def prompt_examples(family: str) -> list[tuple[str, str]]:
@@ -56,6 +71,60 @@ def embed(rows, prompt_mode=None):
         hidden = model(**batch).last_hidden_state  # (N, L, D)
     return F.normalize(hidden[:, -1].float(), dim=-1)  # left padding: -1 = last real token
 '''
+
+
+def vllm_settings(family: str, prompt_mode: str) -> dict[str, Any]:
+    """How vLLM serves the folder as this embedder: the pooling runner, last-token pooling with
+    normalisation (the folder's Pooling + Normalize modules), the chat template's prompt mode."""
+    return {"runner": "pooling", "convert": "embed",
+            "pooler_config": {"pooling_type": "LAST", "normalize": True},
+            "trust_remote_code": get_backbone(family).requires_remote_code,
+            "chat_template_kwargs": {"prompt_mode": prompt_mode}}
+
+
+def vllm_lines(family: str, destination: str, prompt_mode: str) -> list[str]:
+    """The card's vLLM usage (documented; its settings are tested against the folder)."""
+    settings = vllm_settings(family, prompt_mode)
+    pooler = json.dumps(settings["pooler_config"])
+    remote = " --trust-remote-code" if settings["trust_remote_code"] else ""
+    kwargs = json.dumps(settings["chat_template_kwargs"])
+    return [
+        "Not run by the export's check (vLLM is not part of this pipeline's install); the "
+        "settings are those of the folder's `modules.json` and chat template.", "",
+        "```bash",
+        f"vllm serve {destination} --runner {settings['runner']} --convert "
+        f"{settings['convert']} --pooler-config '{pooler}'{remote}",
+        f"# vLLM before 0.10: --task embed --override-pooler-config '{pooler}'",
+        "```", "",
+        "```python",
+        "import base64",
+        "",
+        "import requests",
+        "",
+        'image = {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,"',
+        '         + base64.b64encode(open("dog.jpg", "rb").read()).decode()}}',
+        "",
+        "",
+        "def embed(content):  # one input per request, as chat messages",
+        f'    body = {{"model": "{destination}", "messages": [{{"role": "user", '
+        '"content": content}],',
+        f'            "chat_template_kwargs": {kwargs}, "encoding_format": "float"}}',
+        '    reply = requests.post("http://localhost:8000/v1/embeddings", json=body)',
+        '    return reply.json()["data"][0]["embedding"]  # L2-normalised',
+        "",
+        "",
+        'text_emb = embed([{"type": "text", "text": "A dog running on the beach."}])',
+        "image_emb = embed([image])",
+        'both_emb = embed([image, {"type": "text", "text": "What is the dog doing?"}])',
+        "```", "",
+        "- `LAST` pooling with `normalize` is the folder's last-token Pooling + Normalize; vLLM "
+        "pools each sequence's own last token, so padding does not matter.",
+        "- Send every input as `messages`: the chat template builds the prompts above (the "
+        "plain `input` field skips it). Offline: `LLM(model=path, runner=\"pooling\", "
+        "convert=\"embed\", pooler_config=PoolerConfig(pooling_type=\"LAST\", "
+        "normalize=True))` and `llm.embed({\"prompt\": processor.apply_chat_template(...), "
+        "\"multi_modal_data\": {\"image\": image}})`.",
+    ]
 
 
 def sentence_transformers_lines(family: str, destination: str, prompt_mode: str) -> list[str]:
@@ -157,27 +226,73 @@ def _headline_order(metric: str) -> tuple[int, str, int] | None:
     return (len(HEADLINE_METRICS), direction, int(k)) if sep and k.isdigit() else None
 
 
+def _own_labels(report: dict[str, Any], source_uri: str) -> list[str]:
+    """Labels of the report's models that are the exported source."""
+    models = report.get("models", {})
+    return [label for label in report["results"]
+            if storage.absolute_uri(str(models.get(label, {}).get("path", ""))) == source_uri]
+
+
+def _headline_metrics(report: dict[str, Any]) -> dict[str, list[str]]:
+    """Set -> its headline metrics that at least one model has a value of, in display order
+    (e.g. no meta-task means where the datasets map to no meta-task)."""
+    sets: dict[str, set[str]] = {}
+    for by_set in report["results"].values():
+        for set_name, values in by_set.items():
+            sets.setdefault(set_name, set()).update(
+                metric for metric, value in values.items()
+                if value is not None and _headline_order(metric))
+    return {name: sorted(metrics, key=_headline_order) for name, metrics in sets.items()}
+
+
+def _metric_type(set_name: str, metric: str) -> str:
+    """model-index metric type: recall_at_K for R@K, else the set's (precision_at_1, ...)."""
+    _, sep, k = metric.partition("_R@")
+    return f"recall_at_{k}" if sep else METRIC_TYPES.get(set_name, metric)
+
+
+def eval_results(report: dict[str, Any] | None, source_uri: str) -> list[Any]:
+    """The exported model's headline numbers as Hugging Face ``EvalResult`` (percent)."""
+    from huggingface_hub import EvalResult
+
+    if not report or not report.get("results") or not (mine := _own_labels(report, source_uri)):
+        return []
+    own = report["results"][mine[0]]
+    return [EvalResult(task_type=PIPELINE_TAG, task_name=set_name, dataset_type=set_name,
+                       dataset_name=set_name, metric_type=_metric_type(set_name, metric),
+                       metric_name=metric, metric_value=round(float(value), 4))
+            for set_name, metrics in _headline_metrics(report).items() for metric in metrics
+            if (value := own.get(set_name, {}).get(metric)) is not None]
+
+
+def front_matter(*, family: str, meta: CardMeta, report: dict[str, Any] | None,
+                 source_uri: str, run_name: str) -> str:
+    """The card's YAML metadata block (``---`` ... ``---``) as the Hugging Face Hub reads it."""
+    from huggingface_hub import ModelCardData
+
+    results = eval_results(report, source_uri)
+    data = ModelCardData(
+        library_name="sentence-transformers", pipeline_tag=PIPELINE_TAG,
+        base_model=meta.base_model or None, license=meta.license,
+        tags=["sentence-transformers", PIPELINE_TAG, "multimodal-embedding", "unime", family],
+        datasets=list(meta.datasets), model_name=run_name if results else None,
+        eval_results=results or None)
+    return f"---\n{data.to_yaml()}\n---"
+
+
 def eval_lines(report: dict[str, Any] | None, source_uri: str) -> list[str]:
     """The card's evaluation table: headline metrics per eval set, one column per model."""
     if not report or not report.get("results"):
         return ["No evaluation report (run jobs/evaluate.py before exporting to include one)."]
-    labels = list(report["results"])
-    mine = [lb for lb in labels
-            if storage.absolute_uri(str(report.get("models", {}).get(lb, {}).get("path", ""))) == source_uri]
+    labels, mine = list(report["results"]), _own_labels(report, source_uri)
     header = [f"**{lb}** (this model)" if lb in mine else lb for lb in labels]
     lines = ["Percent, headline numbers of the run's `evaluate/report.json` (every dataset "
              "and the tie rule: `report.md` beside it).", "",
              "| set | metric | " + " | ".join(header) + " |",
              "|---|---|" + "---:|" * len(labels)]
-    sets: dict[str, set[str]] = {}
-    for label in labels:
-        for set_name, values in report["results"][label].items():
-            sets.setdefault(set_name, set()).update(m for m in values if _headline_order(m))
-    for set_name, names in sets.items():
-        for metric in sorted(names, key=_headline_order):
+    for set_name, metrics in _headline_metrics(report).items():
+        for metric in metrics:
             cells = [report["results"][lb].get(set_name, {}).get(metric) for lb in labels]
-            if all(v is None for v in cells):  # e.g. meta-task means with no meta-task
-                continue
             lines.append(f"| {set_name} | {metric} | " + " | ".join(
                 "-" if v is None else f"{v:.2f}" for v in cells) + " |")
     if not mine:
@@ -188,12 +303,14 @@ def eval_lines(report: dict[str, Any] | None, source_uri: str) -> list[str]:
 def model_card(*, family: str, prompt_mode: str, dtype: str, destination: str,
                source: Source, run_name: str,
                stage_manifests: dict[str, dict[str, Any]],
-               report: dict[str, Any] | None) -> str:
-    """README.md of the exported folder (markdown, about a page)."""
+               report: dict[str, Any] | None, meta: CardMeta = CardMeta()) -> str:
+    """README.md of the exported folder: YAML metadata, then markdown (about two pages)."""
     prompts = []
     for what, prompt in prompt_examples(family):
         prompts += [f"{what}:", "", "```text", prompt, "```", ""]
     lines = [
+        front_matter(family=family, meta=meta, report=report, source_uri=source.uri,
+                     run_name=run_name), "",
         f"# UniME embedding model ({family})", "",
         f"A `{family}` multimodal LLM turned into a universal embedding model with the "
         f"two-stage UniME method; run `{run_name}`, exported from `{source.uri}`, weights "
@@ -225,11 +342,16 @@ def model_card(*, family: str, prompt_mode: str, dtype: str, destination: str,
         'emb = embed([("A dog running on the beach.", None), ("", image),',
         '             ("What is the dog doing?", image)])  # (3, D)',
         "```", "",
+        "### vLLM", "",
+        *vllm_lines(family, destination, prompt_mode), "",
         "### This repository (the pipeline's own loader)", "",
+        "`pip install unime-pipeline` (from a clone: `pip install .`) installs only torch, "
+        "transformers, sentence-transformers and pillow; loading from `s3://` also needs the "
+        "`train` extra (pyarrow).", "",
         "```python",
         "from pipeline.models import Embedder",
         "",
-        f'm = Embedder.from_pretrained("{destination}")  # local folder or s3:// prefix',
+        f'm = Embedder.from_pretrained("{destination}")  # a local folder (or s3:// prefix)',
         'emb = m.encode(texts=["<|image_1|>", "A dog running on the beach."],',
         '               images=[open("dog.jpg", "rb").read(), None])  # (2, D) unit rows',
         "```", "",

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline import download_cache, storage
-from pipeline.data.schemas import IMAGE_PLACEHOLDER
+from pipeline.data.conventions import IMAGE_PLACEHOLDER
 from pipeline.models.embedder import Embedder
 from pipeline.models.inputs import ImageInput, auto_loader_blocker, load_image
 from pipeline.models.loading import META_FILE, default_device

@@ -20,7 +20,7 @@ from typing import Literal
 
 from torch import nn
 
-from pipeline.data.schemas import IMAGE_PLACEHOLDER  # where an image goes in a text (MMEB's)
+from pipeline.data.conventions import IMAGE_PLACEHOLDER  # where an image goes in a text (MMEB's)
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from pipeline.steps import base
 logger = logging.getLogger(__name__)
 
 NAME = "export"
-READS = ("export", "model.trust_remote_code")
+READS = ("export", "model.trust_remote_code", "model.path")  # model.path: card base_model
 USES_RAY = False
 STAGES = ("stage1", "stage2")
 EVAL_REPORT = "report.json"  # of evaluate, in the card when present
@@ -149,7 +149,7 @@ def _reuse(folder: str, owner: str, destination: str,
 
 def run(config: Config) -> dict[str, Any]:
     """Export (or skip it when its inputs are unchanged); returns the manifest."""
-    from pipeline.models.card import model_card
+    from pipeline.models.card import CardMeta, model_card
     from pipeline.models.export import CARD_FILE, export_and_check
 
     start = time.perf_counter()
@@ -164,11 +164,13 @@ def run(config: Config) -> dict[str, Any]:
     base.claim(config, NAME, folder)
     storage.delete(storage.join(folder, outputs.MANIFEST_NAME))
     stages = stage_manifests(config, source)
+    meta = CardMeta(base_model=config.export.base_model or config.model.path,
+                    license=config.export.license, datasets=config.export.datasets)
 
     def card(family: str, prompt_mode: str, dtype: str) -> str:
         return model_card(family=family, prompt_mode=prompt_mode, dtype=dtype,
                           destination=destination, source=source, run_name=config.run_name,
-                          stage_manifests=stages, report=report)
+                          stage_manifests=stages, report=report, meta=meta)
 
     result = export_and_check(source, destination, requested_dtype=config.export.dtype,
                               trust_remote_code=config.model.trust_remote_code, card=card)
