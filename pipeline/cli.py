@@ -7,9 +7,10 @@ Usage: ``python jobs/<step>.py --config <yaml> [dotted.key=value ...]``;
 Exit status: 0 on success; 2 for a bad config (a key, a value, two values that do not go
 together, a setting a library refuses); 1 for a missing, stale or unreadable input (a source
 file, a model folder, an upstream step that has not run: the message names the job to run
-first) and for GPUs that did not come within ``ray.resource_wait_s`` (the message names
-them). Both print one line on stderr, before Ray starts wherever it can be known then;
-``log_level=DEBUG`` adds the traceback.
+first), for GPUs that did not come within ``ray.resource_wait_s`` (the message names
+them) and for a local Ray instance that did not start within ``ray.start_timeout_s``. Both
+print one line on stderr, before Ray starts wherever it can be known then, also when the
+error comes back from a Ray task or actor; ``log_level=DEBUG`` adds the traceback.
 """
 from __future__ import annotations
 
@@ -24,7 +25,14 @@ from types import ModuleType
 from typing import Any
 
 from pipeline import storage
-from pipeline.config import Config, ConfigError, describe, describe_knobs, load_config
+from pipeline.config import (
+    TINY_PREFIX,
+    Config,
+    ConfigError,
+    describe,
+    describe_knobs,
+    load_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,20 +72,54 @@ def setup_logging(config: Config) -> None:
 
 @contextmanager
 def exit_codes(config: Config | None) -> Iterator[None]:
-    """Turn the errors a user can fix into one line on stderr and an exit status."""
-    from pipeline.data.readers import SourceError
-    from pipeline.ray_utils import ResourceWaitError
-
+    """Turn the errors a user can fix into one line on stderr and an exit status, also when
+    a Ray task or actor raised them (:func:`user_error` looks through Ray's wrappers)."""
     try:
         yield
-    except ConfigError as err:
+    except Exception as err:
+        found = user_error(err)
+        if found is None:
+            raise
         _debug_traceback(config)
-        print(f"config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
-    except (FileNotFoundError, storage.StorageError, SourceError, ResourceWaitError) as err:
-        _debug_traceback(config)
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from err
+        status, prefix = (2, "config error") if isinstance(found, ConfigError) else (1, "error")
+        print(f"{prefix}: {_one_line(str(found))}", file=sys.stderr)
+        raise SystemExit(status) from err
+
+
+def _user_error_types() -> tuple[type[Exception], ...]:
+    from pipeline.data.readers import SourceError
+    from pipeline.ray_utils import RayStartError, ResourceWaitError
+
+    return (ConfigError, FileNotFoundError, storage.StorageError, SourceError,
+            ResourceWaitError, RayStartError)
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The first error a user can fix in ``err``'s chain, or None. Ray's wrappers are looked
+    through: a ``RayTaskError`` (an instance of its cause's class too, whose text is Ray's
+    traceback) and a shard task's ``UserCodeException`` (``pipeline.ray_utils``) hold the
+    task's error as ``cause``, an ``ActorDiedError`` its creation task's error as its
+    argument, other wrappers (Ray Train's) as ``__cause__``."""
+    user_types = _user_error_types()
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, user_types) and not _is_ray_error(err):
+            return err
+        ray_args = err.args[:1] if _is_ray_error(err) else ()
+        err = next((inner for inner in (getattr(err, "cause", None), *ray_args, err.__cause__)
+                    if isinstance(inner, BaseException)), None)
+    return None
+
+
+def _is_ray_error(err: BaseException) -> bool:
+    """A Ray exception (a wrapper of a task's error); never imports Ray to find out."""
+    exceptions = sys.modules.get("ray.exceptions")
+    return exceptions is not None and isinstance(err, exceptions.RayError)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _debug_traceback(config: Config | None) -> None:
@@ -111,10 +153,42 @@ def check_before_ray(config: Config, step: Any, *, inputs: bool = True) -> None:
     if in_ray_job():
         check_job_output_root(config)
     step.check(config)
+    check_model_path(config, step)
     base.hook(step, "check_sources")(config)
     if inputs:
         base.require_inputs(config, step)
         base.hook(step, "preflight")(config)
+
+
+def check_model_path(config: Config, step: Any) -> None:
+    """A local ``model.path`` is a folder, for a step that loads the student (the config
+    refuses a ``tiny:`` of an unknown family and a malformed s3:// URI; a step's
+    ``check_sources`` looks for the s3:// prefix). Runs at check time: a test may create the
+    folder after writing the config."""
+    path = config.model.path
+    if not loads_student(config, step) or path.startswith(TINY_PREFIX) or storage.is_s3(path):
+        return
+    folder = storage.local_path(path)
+    if not os.path.isdir(folder):
+        what = "is a file, not a model folder" if os.path.exists(folder) else "does not exist"
+        where = "" if folder == path else f" ({folder})"
+        raise FileNotFoundError(f"model.path: {path}{where} {what}")
+
+
+def loads_student(config: Config, step: Any) -> bool:
+    """Whether ``step`` loads the student of ``model.path``: a step that reads the ``model``
+    section does, except stage 2 from another start than ``stage2.init=student`` and
+    evaluate without a ``student`` entry in ``eval.models``."""
+    if "model" not in getattr(step, "READS", ()):
+        return False
+    name = getattr(step, "NAME", "")
+    if name == "stage2":
+        return config.stage2.init == "student"
+    if name == "evaluate":
+        from pipeline.eval.models import parse_models
+
+        return "student" in parse_models(config.eval.models).values()
+    return True
 
 
 def run_step(argv: list[str] | None, step: str | ModuleType | Any,

@@ -17,6 +17,8 @@ import difflib
 import hashlib
 import json
 import logging
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -79,6 +81,16 @@ class RayConfig:
                                    "training run that needs GPUs (use_gpu=true) waits for the "
                                    "autoscaler to add them before failing with the resource it "
                                    "waited for")
+    max_task_retries: int = _knob(2, hashed=False, min=0, max=100, help="retries of a Ray "
+                                  "Data task (or actor call) of the pipeline's shard jobs "
+                                  "after a system failure (a dead worker or node, an argument "
+                                  "that does not deserialise); errors raised by the step's "
+                                  "code are not retried: a deterministic failure ends the job "
+                                  "with its message instead of retrying for ever")
+    start_timeout_s: float = _knob(120.0, hashed=False, min=1.0, help="how long a new local "
+                                   "instance may take to start (its GCS and node registration) "
+                                   "before the job fails; raise it on a loaded machine. Ray "
+                                   "waits at least its own 30 s")
     progress_bars: Literal["auto", True, False] = _knob(
         "auto", hashed=False, help="Ray Data progress bars; auto = only when stderr is a "
         "terminal (a job log or CI keeps its size: a demo run prints ~20 MB of bar updates)")
@@ -145,6 +157,10 @@ class DataConfig:
     jpeg_quality: int = _knob(95, min=1, max=100, help="quality when image_format=jpeg")
     rows_per_shard: int = _knob(2000, min=1, help="rows per output Parquet shard")
     max_text_chars: int = _knob(20000, min=1, help="texts longer than this are rejected")
+    max_reject_fraction: float = _knob(0.5, min=0.0, max=1.0, hashed=False, help="a prepared "
+                                       "table whose rejected share exceeds this (or with no "
+                                       "row out, or no row in) fails the step, naming the top "
+                                       "reasons and a rejected row; 1.0 = accept any share")
 
 
 @dataclass(frozen=True)
@@ -639,6 +655,8 @@ def _check_scalar(hint: type, value: Any, key: str, meta: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
     elif hint is float:
         value = _as_float(value, key)
+        if not math.isfinite(value):  # a NaN passes every bound check and compares False
+            raise ConfigError(f"{key}={value}: not a finite number")
     elif hint is str:
         if isinstance(value, bool) or value is None or isinstance(value, dict | list):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -711,6 +729,7 @@ def _cross_field_problems(config: Config) -> typing.Iterator[str]:
         yield "export.source is empty: use stage2, stage1 or a model folder"
     if not config.eval.retrieval_ks or min(config.eval.retrieval_ks) < 1:
         yield f"eval.retrieval_ks: need K >= 1, got {list(config.eval.retrieval_ks)}"
+    yield from _model_location_problems(config)
 
 
 def _stage2_negative_problems(config: Config) -> typing.Iterator[str]:
@@ -726,6 +745,43 @@ def _stage2_negative_problems(config: Config) -> typing.Iterator[str]:
         yield (f"stage2.mined_negatives={stage2.mined_negatives} is more than the "
                f"mining.num_negatives={config.mining.num_negatives} the mined table holds per "
                "pair")
+
+
+_URI_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+TINY_PREFIX = "tiny:"
+
+
+def _model_location_problems(config: Config) -> typing.Iterator[str]:
+    """Model locations of a form nothing loads: ``tiny:`` with an unknown family, an s3://
+    URI without a bucket, another URI scheme. Whether a local folder exists is checked
+    before Ray starts by the steps that load it (``pipeline.cli.check_model_path``)."""
+    path = config.model.path
+    families = [f for f in typing.get_args(typing.get_type_hints(ModelConfig)["family"]) if f]
+    if path.startswith(TINY_PREFIX):
+        if path[len(TINY_PREFIX):] not in families:
+            yield (f"model.path={path}: unknown family {path[len(TINY_PREFIX):]!r}; "
+                   f"tiny:<family> takes one of {', '.join(families)}")
+    elif problem := uri_form_problem(path):
+        yield f"model.path={path}: {problem}"
+    if problem := uri_form_problem(config.mining.miner):
+        yield f"mining.miner={config.mining.miner}: {problem}"
+    for entry in config.eval.models:
+        if problem := uri_form_problem(entry.partition("=")[2].strip() or entry.strip()):
+            yield f"eval.models entry {entry!r}: {problem}"
+
+
+def uri_form_problem(uri: str) -> str | None:
+    """Why ``uri`` is neither a local path nor an ``s3://bucket/prefix`` URI; None if it is."""
+    match = _URI_SCHEME_RE.match(uri)
+    if match is None or match.group(1) == "file":
+        return None
+    if match.group(1) != "s3":
+        return (f"unsupported URI scheme {match.group(1)!r} (use a local folder or "
+                "s3://BUCKET/prefix)")
+    rest = uri[len("s3://"):]
+    if not rest.strip("/") or rest.startswith("/"):
+        return "an s3:// URI needs a bucket: s3://BUCKET/prefix"
+    return None
 
 
 def _hashed_dict(obj: Any, *, run: bool = False) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import collections
 import datetime
 import logging
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -60,7 +61,12 @@ REJECT_REASONS = (
     "empty_text",        # a text is empty or whitespace (and no image stands in for it)
     "text_too_long",     # longer than data.max_text_chars
     "missing_image",     # an image path that does not exist
-    "corrupt_image",     # an image that does not decode
+    "corrupt_image",     # an image of a known format whose bytes are broken
+    "unsupported_image",  # not an image format (or codec) PIL reads
+    "image_too_large",   # more pixels than pipeline.data.images.MAX_IMAGE_PIXELS (not decoded)
+    "path_outside_root",  # an image path that resolves outside its image root (not opened)
+    "bad_encoding",      # text bytes that are not UTF-8
+    "extra_cells",       # a CSV row with more cells than its header
     "placeholder_mismatch",  # the text names an image placeholder but no image is given
     "duplicate_id",      # an id seen before in the same table
     "bad_candidates",    # eval row: target lists empty or of unequal length
@@ -142,9 +148,11 @@ class ShardedOutput:
         return rows_out, collections.Counter(reasons.column("reason").to_pylist())
 
     def finish(self, *, rows_in: int, num_shards: int, seconds: float, config_hash: str,
-               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+               extra: dict[str, Any] | None = None,
+               check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Count every shard from its files and write the manifest (last): the counts, the
-        run's ``config_hash``, the folder's owner as ``step_hash``, and ``extra``."""
+        run's ``config_hash``, the folder's owner as ``step_hash``, and ``extra``. ``check``
+        sees the manifest first and may refuse it (raise): the folder then stays unfinished."""
         rows_out, reasons = 0, collections.Counter()
         for index in range(num_shards):
             out, why = self.shard_counts(index)
@@ -157,7 +165,17 @@ class ShardedOutput:
             "schema": self.schema.to_string(show_schema_metadata=False),
             **(extra or {}),
         }
+        if check is not None:
+            check(manifest)
         return write_manifest(self.folder, manifest)
+
+    def first_reject(self, num_shards: int) -> dict[str, Any] | None:
+        """The first rejected row of the folder's shards (for messages), or None."""
+        for index in range(num_shards):
+            table = storage.read_table(self.reject_uri(index))
+            if table.num_rows:
+                return table.slice(0, 1).to_pylist()[0]
+        return None
 
 
 def complete_input(folder: str) -> tuple[dict[str, Any], list[str]]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -30,6 +32,26 @@ JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 class ResourceWaitError(RuntimeError):
     """The resources a pool or training run asked for did not appear in time; names them."""
+
+
+class RayStartError(RuntimeError):
+    """A new local Ray instance did not start within ``ray.start_timeout_s``."""
+
+
+# Ray 2.60 waits for a new local node in two places that the environment can lengthen:
+# - ray/_private/node.py, Node.__init__: "The current node timed out during startup" ends a
+#   loop of 30 s (a constant) around services.get_node, whose C++ side
+#   (GlobalStateAccessor::GetNode) itself retries for RAY_raylet_start_wait_time_s ("Try
+#   increase the RAY_raylet_start_wait_time_s config"). The driver reads it once, when `ray`
+#   is first imported, so init_ray sets it before importing Ray;
+# - node.py, Node.start_gcs_server (the GCS port file, 30 s) and Node._init_gcs_client (its
+#   connection tries, ~20): RAY_gcs_server_port_wait_time_s, read at each start.
+# DataContext config key of ``ray.max_task_retries`` (read by run_shard_tasks); Ray Data's
+# own default is -1: retry a task whose worker died, or whose argument does not deserialise,
+# for ever.
+TASK_RETRIES_KEY = "unime.max_task_retries"
+DEFAULT_TASK_RETRIES = 2
+START_WAIT_ENV = ("RAY_raylet_start_wait_time_s", "RAY_gcs_server_port_wait_time_s")
 
 
 def job_env_vars() -> dict[str, str]:
@@ -67,6 +89,8 @@ def init_ray(config: Config) -> Any:
     for key, value in LOCAL_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not ray_address(config):
+        set_start_wait(config.ray.start_timeout_s)
     import ray
 
     if not ray.is_initialized():
@@ -75,23 +99,65 @@ def init_ray(config: Config) -> Any:
     return ray
 
 
+def ray_address(config: Config) -> str:
+    """The cluster to join: ``ray.address``, else ``RAY_ADDRESS``; '' = start a local one."""
+    return config.ray.address or os.environ.get("RAY_ADDRESS", "")
+
+
+def set_start_wait(timeout_s: float) -> None:
+    """Let a new local instance take ``timeout_s`` (``ray.start_timeout_s``) to start: the
+    variables of :data:`START_WAIT_ENV`, which replace any value the environment gave."""
+    seconds = str(math.ceil(timeout_s))
+    for key in START_WAIT_ENV:
+        if os.environ.get(key, seconds) != seconds:
+            logger.info("ray.start_timeout_s replaces %s=%s with %s", key, os.environ[key],
+                        seconds)
+        os.environ[key] = seconds
+    if "ray" in sys.modules:
+        logger.warning("ray.start_timeout_s=%g: Ray was imported before init_ray, so its wait "
+                       "for the node to register keeps the %s it had then", timeout_s,
+                       START_WAIT_ENV[0])
+
+
 def _start_or_join(config: Config) -> None:
     import ray
     import ray.data
 
     runtime_env = {"env_vars": worker_env_vars()}
-    address = config.ray.address or os.environ.get("RAY_ADDRESS", "")
+    address = ray_address(config)
     if address:
         logger.info("joining Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        logger.info("starting local Ray: %d logical CPUs, %d MiB object store",
-                    config.ray.num_cpus, config.ray.object_store_memory_mb)
+        _start_local(config, runtime_env)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = progress_bars(config.ray.progress_bars)
+    context.set_config(TASK_RETRIES_KEY, config.ray.max_task_retries)
+
+
+def _start_local(config: Config, runtime_env: dict[str, Any]) -> None:
+    """A new local instance; a start that times out raises :class:`RayStartError`."""
+    import ray
+
+    logger.info("starting local Ray: %d logical CPUs, %d MiB object store (start-up may take "
+                "%g s: ray.start_timeout_s)", config.ray.num_cpus,
+                config.ray.object_store_memory_mb, config.ray.start_timeout_s)
+    try:
         ray.init(num_cpus=config.ray.num_cpus,
                  object_store_memory=config.ray.object_store_memory_mb * 1024 * 1024,
                  include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = progress_bars(config.ray.progress_bars)
+    except Exception as err:
+        if not (isinstance(err, TimeoutError) or "timed out" in str(err).lower()):
+            raise
+        raise RayStartError(start_error_message(config.ray.start_timeout_s, err)) from err
+
+
+def start_error_message(timeout_s: float, err: BaseException) -> str:
+    """One line: the knob to raise, what else helps, and Ray's own first line."""
+    ray_says = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return (f"Ray did not start within ray.start_timeout_s={timeout_s:g} s (machine load?); "
+            "raise ray.start_timeout_s, lower ray.num_cpus, or start Ray once (ray start "
+            f"--head) and join it with ray.address=auto. Ray said: {ray_says}")
 
 
 def alive_nodes() -> list[dict[str, Any]]:
@@ -225,12 +291,37 @@ def node_counts(results: list[dict[str, Any]]) -> dict[str, int]:
 
 # -- shard tasks on Ray Data --------------------------------------------------------------------
 def _call_task(batch: dict[str, Any], fn: Any, refs: list[Any]) -> dict[str, list]:
-    """Ray Data batch of one task index -> one result row (columns of length 1)."""
+    """Ray Data batch of one task index -> one result row (columns of length 1). A failure
+    leaves as a ``UserCodeException`` that holds the task's error as ``cause`` (when it
+    survives pickling): Ray Data's own wrapper keeps it only as ``__cause__``, which is lost
+    on the way to the driver, where ``pipeline.cli`` prints the error's one line."""
     import ray
+    from ray.exceptions import UserCodeException
 
     (index,) = batch["task_index"]
-    row = {**fn(ray.get(refs[int(index)])), "node_id": ray.get_runtime_context().get_node_id()}
+    try:
+        row = {**fn(ray.get(refs[int(index)])),
+               "node_id": ray.get_runtime_context().get_node_id()}
+    except Exception as err:
+        wrapped = UserCodeException(f"shard task {int(index)} failed: "
+                                    f"{type(err).__name__}: {err}")
+        if _round_trips(err):
+            wrapped.cause = err  # in __dict__, so pickled with it
+        raise wrapped from err
     return {k: [v] for k, v in row.items()}
+
+
+def _round_trips(err: BaseException) -> bool:
+    """Whether ``err`` pickles and unpickles as Ray moves errors (ray.exceptions: cloudpickle;
+    a RayTaskError keeps only the text of a cause that does not pickle, and an error the
+    driver cannot unpickle would replace the task's whole error)."""
+    from ray import cloudpickle
+
+    try:
+        cloudpickle.loads(cloudpickle.dumps(err))
+    except Exception:
+        return False
+    return True
 
 
 class _ActorShim:
@@ -254,7 +345,9 @@ def run_shard_tasks(tasks: list[Any], worker: Any, *, num_cpus: float = 1.0,
     instances are such callables, built once per actor of a pool of ``pool_size``
     (models are loaded once per actor). Each task writes its own shard, so outputs stay
     deterministic whatever the scheduling; Ray Data supplies the scheduling, the
-    progress bar and retries. Tasks travel through the object store (one object each);
+    progress bar and a bounded number of retries after system failures (``ray.max_task_retries``;
+    an error of the task's code is not retried). Tasks travel through the object store (one
+    object each);
     the dataset itself holds only their indices. Each result row also names the node it ran
     on (``node_id``). Every actor of a pool starts before the first task is handed out (so
     the shards spread over the whole pool; ``actors_start_s`` later, a pool that cannot start
@@ -267,12 +360,14 @@ def run_shard_tasks(tasks: list[Any], worker: Any, *, num_cpus: float = 1.0,
         return []
     refs = [ray.put(task) for task in tasks]
     context = ray.data.DataContext.get_current()
-    wait_before, context.wait_for_min_actors_s = context.wait_for_min_actors_s, actors_start_s
+    before = context.wait_for_min_actors_s, context.raise_original_map_exception
+    # _call_task wraps a failure itself, keeping the error (Ray Data's wrapper would not)
+    context.wait_for_min_actors_s, context.raise_original_map_exception = actors_start_s, True
     try:
         return _map_tasks(tasks, worker, refs, num_cpus=num_cpus, num_gpus=num_gpus,
                           pool_size=pool_size, worker_kwargs=worker_kwargs)
     finally:
-        context.wait_for_min_actors_s = wait_before
+        context.wait_for_min_actors_s, context.raise_original_map_exception = before
 
 
 def _map_tasks(tasks: list[Any], worker: Any, refs: list[Any], *, num_cpus: float,
@@ -282,15 +377,22 @@ def _map_tasks(tasks: list[Any], worker: Any, refs: list[Any], *, num_cpus: floa
 
     dataset = ray.data.from_items([{"task_index": i} for i in range(len(tasks))],
                                   override_num_blocks=len(tasks))
+    retries = ray.data.DataContext.get_current().get_config(TASK_RETRIES_KEY,
+                                                            DEFAULT_TASK_RETRIES)
+    # Ray 2.60 takes retry limits only as remote args (deprecated for 2.64, with no named
+    # replacement yet): revisit on upgrading Ray.
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
     if isinstance(worker, type):
         dataset = dataset.map_batches(
             _ActorShim, batch_size=1, batch_format="numpy",
             fn_constructor_kwargs={"worker_cls": worker, "kwargs": worker_kwargs or {},
                                    "refs": refs},
             compute=ray.data.ActorPoolStrategy(size=pool_size or 1),
-            num_cpus=num_cpus, num_gpus=num_gpus)
+            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=retries,
+            max_task_retries=retries)
     else:
         dataset = dataset.map_batches(_call_task, batch_size=1, batch_format="numpy",
                                       fn_kwargs={"fn": worker, "refs": refs},
-                                      num_cpus=num_cpus, num_gpus=num_gpus)
+                                      num_cpus=num_cpus, num_gpus=num_gpus,
+                                      max_retries=retries)
     return dataset.take_all()

@@ -194,3 +194,102 @@ def test_eval_and_export_settings_do_not_move_the_run_folder():
     a = load_config(DEMO)
     b = load_config(DEMO, ["eval.prompt_mode=raw", "export.dtype=bfloat16"])
     assert a.config_hash == b.config_hash
+
+
+# -- non-finite numbers, model locations ----------------------------------------------------------
+def float_keys() -> list[str]:
+    """Every knob typed float or float | None."""
+    import typing
+
+    from pipeline.config import _owner_class
+
+    keys = []
+    for key, _field in iter_fields():
+        hint = typing.get_type_hints(_owner_class(key))[key.rsplit(".", 1)[-1]]
+        if hint is float or float in typing.get_args(hint):
+            keys.append(key)
+    return keys
+
+
+def test_float_knobs_are_found():
+    keys = float_keys()
+    assert {"stage2.fn_margin", "mining.fn_ratio", "stage1.optim.lr", "ray.resource_wait_s",
+            "ray.start_timeout_s"} <= set(keys)
+    assert "data.image_size" not in keys and len(keys) >= 20
+
+
+@pytest.mark.parametrize("text, shown", [("nan", "nan"), ("inf", "inf"), ("-inf", "-inf"),
+                                         (".nan", "nan"), (".inf", "inf"), ("NaN", "nan"),
+                                         ("Infinity", "inf")])
+def test_every_float_knob_refuses_non_finite_overrides(text, shown):
+    for key in float_keys():
+        with pytest.raises(ConfigError) as info:
+            load_config(None, [f"{key}={text}"])
+        assert str(info.value) == f"{key}={shown}: not a finite number"
+
+
+def test_non_finite_numbers_in_yaml_are_refused(tmp_path):
+    for section, key, value, shown in (("stage2", "fn_margin", ".nan", "nan"),
+                                       ("ray", "resource_wait_s", ".inf", "inf"),
+                                       ("mining", "max_score", "-.inf", "-inf")):
+        path = tmp_path / f"{key}.yaml"
+        path.write_text(f"{section}:\n  {key}: {value}\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(str(path))
+        assert str(info.value) == f"{section}.{key}={shown}: not a finite number"
+    path = tmp_path / "lr.yaml"
+    path.write_text("stage1:\n  optim:\n    lr: .inf\n")
+    with pytest.raises(ConfigError, match=r"^stage1\.optim\.lr=inf: not a finite number$"):
+        load_config(str(path))
+
+
+def test_no_knob_defaults_to_a_non_finite_number():
+    import math
+
+    config = Config()
+    for key in float_keys():
+        value = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        assert value is None or math.isfinite(value), key
+
+
+def test_finite_floats_and_null_still_pass():
+    config = load_config(None, ["stage2.fn_margin=null", "mining.fn_ratio=0.9",
+                                "ray.start_timeout_s=300"])
+    assert config.stage2.fn_margin is None and config.mining.fn_ratio == 0.9
+    assert config.ray.start_timeout_s == 300.0 and Config().ray.start_timeout_s == 120.0
+    with pytest.raises(ConfigError, match=r"ray.start_timeout_s: 0.0 is below the minimum 1.0"):
+        load_config(None, ["ray.start_timeout_s=0"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.path=tiny:gpt2", "model.path=tiny:gpt2: unknown family 'gpt2'; tiny:<family> takes "
+                             "one of llava_next, qwen2_vl, qwen2_5_vl, phi3_v"),
+    ("model.path='tiny:'", "model.path=tiny:: unknown family ''; tiny:<family> takes one of "
+                         "llava_next, qwen2_vl, qwen2_5_vl, phi3_v"),
+    ("model.path=s3://", "model.path=s3://: an s3:// URI needs a bucket: s3://BUCKET/prefix"),
+    ("model.path=s3:///models/x", "model.path=s3:///models/x: an s3:// URI needs a bucket"),
+    ("model.path=gs://b/m", "model.path=gs://b/m: unsupported URI scheme 'gs' (use a local "
+                            "folder or s3://BUCKET/prefix)"),
+    ("mining.miner=s3://", "mining.miner=s3://: an s3:// URI needs a bucket"),
+    ("eval.models=[stage1, 'x=s3://']", "eval.models entry 'x=s3://': an s3:// URI needs a "
+                                        "bucket"),
+    ("eval.models=['s3:///m']", "eval.models entry 's3:///m': an s3:// URI needs a bucket"),
+])
+def test_model_locations_of_a_form_nothing_loads_are_refused(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(DEMO, [override])
+    assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize("override", [
+    "model.path=tiny:qwen2_vl", "model.path=s3://bucket/models/qwen", "model.path=/not/yet/made",
+    "model.path=relative/folder", "model.path=file:///opt/m", "mining.miner=s3://b/miner",
+    "mining.miner=stage1", "eval.models=[base=student, stage1, 'x=s3://b/x', 'y=/m/y']",
+])
+def test_well_formed_model_locations_load(override):
+    # A local folder's existence is checked before Ray starts, not here (tests create it later).
+    key, value = override.split("=", 1)
+    config = load_config(DEMO, [override])
+    assert config.model.path == (value if key == "model.path" else "tiny:llava_next")

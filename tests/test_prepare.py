@@ -15,6 +15,8 @@ from PIL import Image
 from pipeline import outputs, storage
 from pipeline.config import load_config
 from pipeline.data import schemas
+from pipeline.data.prepare import SourcesChangedError
+from pipeline.data.readers import SourceError
 from pipeline.outputs import OutputConflictError
 from pipeline.steps.prepare_data import run as prepare_data
 from pipeline.steps.prepare_data import summarize as format_summary
@@ -150,3 +152,104 @@ def test_cli_rejects_bad_config_before_any_work(tmp_path):
     assert out.returncode == 2
     assert "config error: data.image_size: expected an integer, got 'huge'" in out.stderr
     assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------
+# Reliability: the fault matrix cases of the prepare step (README: Reliability)
+
+
+def run_bounded(fn, *args, timeout_s: float = 300.0):
+    """``fn(*args)`` in a thread; a hang fails the test instead of the suite."""
+    import threading
+
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn(*args)
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            result["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert not thread.is_alive(), f"{fn.__name__} did not finish within {timeout_s} s (hang)"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+@pytest.mark.reliability
+def test_missing_and_corrupt_eval_images_are_rejects_not_a_hang(ray_local, tmp_path):
+    """The rejects of eval_images travel to the eval shards' tasks as RowErrors (they must
+    unpickle there, or Ray Data retries the task for ever)."""
+    from pipeline.data.prepare import resolve_sources
+
+    config = small_config(tmp_path / "run", "data.max_reject_fraction=1.0")
+    world = pathlib.Path(resolve_sources(config).mmeb_eval_images)
+    images = sorted((world / "images" / "eval").glob("*.png"))
+    eval_rows = [json.loads(line) for f in sorted((world / "mmeb_eval").glob("*.jsonl"))
+                 for line in f.read_text().splitlines()]
+    used = [p for p in images if any(str(p.relative_to(world)) in json.dumps(r)
+                                     for r in eval_rows)]
+    missing, corrupt = used[0], used[1]
+    missing.unlink()
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    manifest = run_bounded(prepare_data, config)
+    images_table = manifest["tables"]["eval_images"]
+    assert images_table["rejects_by_reason"] == {"missing_image": 1, "corrupt_image": 1}
+    eval_table = manifest["tables"]["eval"]
+    assert eval_table["rows_rejected"] >= 1
+    assert set(eval_table["rejects_by_reason"]) <= {"missing_image", "corrupt_image"}
+    for table in manifest["tables"].values():
+        assert table["rows_in"] == table["rows_out"] + table["rows_rejected"]
+
+
+def nli_config(tmp_path, text: str, *extra: str):
+    source = tmp_path / "nli.csv"
+    source.write_text(text)
+    return load_config(DEMO, [f"output_root={tmp_path / 'run'}", "data.use_demo_world=false",
+                              f"data.sources.nli_csv={source}", *extra]), source
+
+
+@pytest.mark.reliability
+def test_a_table_of_rejects_fails_the_step_naming_reasons_and_a_row(ray_local, tmp_path):
+    rows = "".join(f"a{i},b{i},\n" for i in range(6)) + "a,b,c\n"  # 6 of 7 lack hard_neg
+    config, _ = nli_config(tmp_path, "sent0,sent1,hard_neg\n" + rows)
+    with pytest.raises(SourceError, match=r"text_groups: 6 of 7 rows rejected \(86%; "
+                                          r"data.max_reject_fraction=0.5\), top reasons "
+                                          r"empty_text \(6\); e.g. row 'nli:0' \(.*nli.csv:2\) "
+                                          r"texts\[2\]: empty_text"):
+        prepare_data(config)
+    folder = config.step_dir("prepare_data")
+    assert not outputs.is_complete(f"{folder}/text_groups") and not outputs.is_complete(folder)
+    # Raising the threshold accepts the same table (the rejects stay counted).
+    config, _ = nli_config(tmp_path, "sent0,sent1,hard_neg\n" + rows,
+                           "data.max_reject_fraction=0.9", f"output_root={tmp_path / 'run2'}")
+    table = prepare_data(config)["tables"]["text_groups"]
+    assert (table["rows_in"], table["rows_out"], table["rows_rejected"]) == (7, 1, 6)
+
+
+@pytest.mark.reliability
+def test_an_empty_source_is_refused(ray_local, tmp_path):
+    config, _ = nli_config(tmp_path, "sent0,sent1,hard_neg\n")
+    with pytest.raises(SourceError, match="text_groups: its sources hold no rows"):
+        prepare_data(config)
+
+
+@pytest.mark.reliability
+def test_a_changed_source_file_is_refused_on_rerun(ray_local, tmp_path):
+    rows = "sent0,sent1,hard_neg\n" + "".join(f"a{i},b{i},c{i}\n" for i in range(14))
+    config, source = nli_config(tmp_path, rows)
+    first = prepare_data(config)
+    assert prepare_data(config)["seconds"] == first["seconds"]  # unchanged: reused
+    source.write_text(rows.replace("a3,b3,c3", "a3,b3,changed"))
+    with pytest.raises(SourcesChangedError, match=r"prepare_data was prepared from other "
+                       r"source files \(data.sources.nli_csv: sha256 [0-9a-f]{12} \(1 file"
+                       r"\(s\), \d+ bytes\) -> sha256 [0-9a-f]{12} .*delete .*run"):
+        prepare_data(config)
+    # The table's own check, for a step folder whose manifest is gone (a killed rerun).
+    os.remove(f"{config.step_dir('prepare_data')}/_manifest.json")
+    with pytest.raises(SourcesChangedError, match="table .*text_groups was prepared from "
+                                                  "other source files"):
+        prepare_data(config)

@@ -66,3 +66,61 @@ def test_a_local_output_root_needs_one_node_or_a_shared_mount(tmp_path: pathlib.
     shared = load_config(DEMO, [f"output_root={tmp_path}", "storage.shared_filesystem=true"])
     ray_utils.check_output_root(shared, two)
     ray_utils.check_output_root(load_config(DEMO, ["output_root=s3://bucket/run"]), two)
+
+
+# ---------------------------------------------------------------------------------------
+# Bounded retries (the fault matrix: a deterministic failure ends the job, README Reliability)
+
+
+def _count_attempt(folder: str) -> int:
+    import os
+    import uuid
+
+    pathlib.Path(folder, uuid.uuid4().hex).touch()
+    return len(os.listdir(folder))
+
+
+def _unloadable(folder: str) -> None:
+    """What unpickling the task below runs: count the attempt, then fail as a task argument
+    that does not deserialise does (the RowError hang of issue 17)."""
+    _count_attempt(folder)
+    raise TypeError("RowError.__init__() missing 2 required positional arguments")
+
+
+class UnloadableTask:
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def __reduce__(self):
+        return _unloadable, (self.folder,)
+
+
+def _die(task: dict) -> dict:
+    _count_attempt(task["folder"])
+    import os
+
+    os._exit(1)  # the worker process dies: a system failure, which Ray retries
+
+
+@pytest.mark.integration
+@pytest.mark.reliability
+def test_a_task_that_cannot_load_and_a_dying_worker_are_retried_a_bounded_number_of_times(
+        ray_local, tmp_path: pathlib.Path) -> None:
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    before = context.get_config(ray_utils.TASK_RETRIES_KEY, ray_utils.DEFAULT_TASK_RETRIES)
+    context.set_config(ray_utils.TASK_RETRIES_KEY, 1)
+    try:
+        unloadable, dying = tmp_path / "unloadable", tmp_path / "dying"
+        unloadable.mkdir()
+        dying.mkdir()
+        with pytest.raises(Exception, match="missing 2 required positional arguments"):
+            ray_utils.run_shard_tasks([UnloadableTask(str(unloadable))], lambda task: {})
+        # A RaySystemError (Ray Data retries those): 1 + ray.max_task_retries=1, not for ever.
+        assert len(list(unloadable.iterdir())) == 2
+        with pytest.raises(Exception) as err:
+            ray_utils.run_shard_tasks([{"folder": str(dying)}], _die)
+        assert len(list(dying.iterdir())) == 2, err.value  # 1 + ray.max_task_retries=1
+    finally:
+        context.set_config(ray_utils.TASK_RETRIES_KEY, before)

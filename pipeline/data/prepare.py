@@ -11,6 +11,8 @@ are the configured files, or the demo world generated under ``<run_root>/sources
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import logging
 import tempfile
 import time
@@ -131,27 +133,28 @@ def read_sources(sources: Sources) -> dict[str, list[RawRow]]:
 # One shard (runs inside a Ray task)
 
 
-def _validator(task: ShardTask) -> Callable[[RawRow], dict[str, Any]]:
+IMAGE_TABLES = ("pairs", "eval_images")  # tables that pack images (frames_dropped counted)
+
+
+def _validator(task: ShardTask, loader: ImageLoader) -> Callable[[RawRow], dict[str, Any]]:
     if task.table == "text_groups":
         return lambda raw: validate_text_group(raw, task.max_text_chars)
     if task.table == "pairs":
-        loader = ImageLoader(task.options)
         return lambda raw: validate_pair(raw, loader, task.max_text_chars)
     if task.table == "eval":
         return lambda raw: validate_eval(raw, task.image_keys or {}, task.max_text_chars)
     if task.table == "eval_images":
-        loader = ImageLoader(task.options)
-
         def pack(raw: RawRow) -> dict[str, Any]:
-            image = loader.load(raw.source, "image")
+            image = loader.load(raw.image_uris["image"], "image")
             return {"key": image.pixel_sha256[:32], "image": image.data, "source": raw.source}
         return pack
     raise ValueError(f"unknown table {task.table!r}")
 
 
 def run_shard(task: ShardTask) -> dict[str, int]:
-    """Validate one shard's rows and write the shard and its rejects."""
-    validate = _validator(task)
+    """Validate one shard's rows and write its stats, its rejects and the shard (last)."""
+    loader = ImageLoader(task.options)
+    validate = _validator(task, loader)
     rows, rejects = [], []
     for raw in task.rows:
         try:
@@ -159,12 +162,78 @@ def run_shard(task: ShardTask) -> dict[str, int]:
         except RowError as err:
             rejects.append(reject_record(raw, err))
     output = ShardedOutput(task.folder, task.owner, TABLES[task.table])
+    if task.table in IMAGE_TABLES:
+        storage.write_json(output.stats_uri(task.index), {"frames_dropped": loader.frames_dropped})
     output.write_shard(task.index, rows, rejects)
     return {"shard": task.index, "rows_out": len(rows), "rows_rejected": len(rejects)}
 
 
+def frames_dropped(output: ShardedOutput, num_shards: int) -> int:
+    """Frames dropped from multi-frame images over a table's shards (from their stats)."""
+    return sum(storage.read_json(output.stats_uri(i))["frames_dropped"]
+               for i in range(num_shards))
+
+
 # ---------------------------------------------------------------------------------------
 # One table
+
+
+class SourcesChangedError(outputs.OutputConflictError):
+    """Finished outputs were prepared from source files whose content has changed since."""
+
+
+class RejectedTableError(readers.SourceError):
+    """A table's sources gave no rows, or more rejects than ``data.max_reject_fraction``."""
+
+
+def check_same_sources(recorded: dict[str, Any] | None, current: dict[str, Any], where: str,
+                       run_root: str) -> None:
+    """Refuse finished outputs made from other source files (content hash or ETag, size)."""
+    if recorded is None:
+        logger.warning("%s records no source fingerprints: cannot tell whether the sources "
+                       "changed", where)
+        return
+    changed = [f"data.sources.{name}: {_digest(recorded.get(name))} -> {_digest(files)}"
+               for name, files in sorted(current.items()) if recorded.get(name) != files]
+    changed += [f"data.sources.{name}: no longer used" for name in recorded
+                if name not in current]
+    if changed:
+        raise SourcesChangedError(
+            f"{where} was prepared from other source files ({'; '.join(changed)}); the run's "
+            f"later steps used those rows too: delete {run_root} (or choose another "
+            "output_root) to prepare and train from the current files")
+
+
+def _digest(files: list[dict[str, Any]] | None) -> str:
+    """Short content id of a source's files (sha256 of their fingerprints)."""
+    if not files:
+        return "none"
+    payload = json.dumps([f.get("sha256") for f in files]).encode()
+    return f"sha256 {hashlib.sha256(payload).hexdigest()[:12]} ({len(files)} file(s), " \
+           f"{sum(f.get('bytes', 0) for f in files)} bytes)"
+
+
+def check_rejects(name: str, output: ShardedOutput, num_shards: int,
+                  max_fraction: float) -> Callable[[dict[str, Any]], None]:
+    """A table manifest check: refuse no rows in, no rows out, or a reject share above
+    ``max_fraction``, naming the top reasons and one rejected row."""
+    def check(manifest: dict[str, Any]) -> None:
+        rows_in, rejected = manifest["rows_in"], manifest["rows_rejected"]
+        if rows_in == 0:
+            raise RejectedTableError(f"{name}: its sources hold no rows (an empty file?); "
+                                     "fill them or leave that source unset")
+        share = rejected / rows_in
+        if manifest["rows_out"] and share <= max_fraction:
+            return
+        reasons = collections.Counter(manifest["rejects_by_reason"]).most_common(3)
+        example = output.first_reject(num_shards) or {}
+        raise RejectedTableError(
+            f"{name}: {rejected} of {rows_in} rows rejected ({share:.0%}; "
+            f"data.max_reject_fraction={max_fraction}), top reasons "
+            f"{', '.join(f'{r} ({n})' for r, n in reasons)}; e.g. row {example.get('id')!r} "
+            f"({example.get('source')}) {example.get('field')}: {example.get('reason')}: "
+            f"{str(example.get('detail'))[:200]}; every reject in {output.folder}/_rejects/")
+    return check
 
 
 @dataclass(frozen=True)
@@ -179,6 +248,8 @@ class TableJob:
     max_text_chars: int
     rows_per_shard: int
     inputs: dict[str, Any]        # source fingerprints, recorded in every table manifest
+    max_reject_fraction: float    # a table with a larger reject share fails the step
+    run_root: str                 # named when finished tables came from other sources
 
 
 def write_table(name: str, rows: list[RawRow], job: TableJob, *,
@@ -189,6 +260,8 @@ def write_table(name: str, rows: list[RawRow], job: TableJob, *,
     output = ShardedOutput(folder, job.owner, TABLES[name])
     done_manifest = outputs.read_manifest(folder)
     if done_manifest is not None and done_manifest.get("step_hash") == job.owner:
+        check_same_sources(done_manifest.get("inputs"), job.inputs, f"table {folder}",
+                           job.run_root)
         logger.info("%s: complete already (%s)", name, folder)
         return done_manifest
     output.claim(job.job_record)
@@ -204,7 +277,11 @@ def write_table(name: str, rows: list[RawRow], job: TableJob, *,
     manifest = output.finish(rows_in=len(rows), num_shards=len(shards),
                              seconds=time.perf_counter() - start, config_hash=job.config_hash,
                              extra={"table": name, "inputs": job.inputs,
-                                    "shards_skipped": len(done)})
+                                    "shards_skipped": len(done), **(
+                                        {"frames_dropped": frames_dropped(output, len(shards))}
+                                        if name in IMAGE_TABLES else {})},
+                             check=check_rejects(name, output, len(shards),
+                                                 job.max_reject_fraction))
     logger.info("%s: %d in, %d out, %d rejected %s", name, manifest["rows_in"],
                 manifest["rows_out"], manifest["rows_rejected"], manifest["rejects_by_reason"])
     return manifest

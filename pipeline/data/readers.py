@@ -22,7 +22,10 @@ import csv
 import io
 import json
 import logging
+import os
 import posixpath
+import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +44,9 @@ NLI_COLUMNS = ("sent0", "sent1", "hard_neg")
 PAIRS_JSONL_COLUMNS = ("qry_text", "pos_text")
 
 
+_SURROGATES = re.compile("[\udc80-\udcff]")
+
+
 class SourceError(ValueError):
     """A source file is missing, unreadable or has the wrong columns."""
 
@@ -55,7 +61,7 @@ class RawRow:
     dataset: str = ""
     texts: dict[str, Any] = field(default_factory=dict)       # canonical name -> raw value
     image_uris: dict[str, Any] = field(default_factory=dict)  # field -> URI | list | None
-    parse_error: str | None = None   # set when the row itself could not be parsed
+    parse_error: ParseError | None = None  # set when the row itself could not be read
     duplicate_of: str | None = None  # set by mark_duplicate_ids
 
 
@@ -75,31 +81,86 @@ def list_record_files(uri: str) -> list[str]:
     return files
 
 
-def read_records(uri: str) -> list[tuple[dict[str, Any] | None, str | None]]:
-    """Rows of one file as (record, parse error); a bad JSON line keeps its place."""
+Records = list[tuple[dict[str, Any] | None, "ParseError | None"]]
+
+
+def read_records(uri: str) -> Records:
+    """Rows of one file as (record, parse error); a row that does not parse keeps its place.
+    Bytes that are not UTF-8 make their row's ``bad_encoding`` (never replaced silently);
+    CSV rows with more cells than the header are ``extra_cells``; CSV fields of any length
+    are read (length is validation's ``text_too_long``)."""
     data = storage.read_bytes(uri)
     if uri.endswith(".parquet"):
         try:
             return [(r, None) for r in pq.read_table(io.BytesIO(data)).to_pylist()]
         except Exception as err:  # noqa: BLE001 - any decode error is a file-level error
             raise SourceError(f"{uri}: not a readable Parquet file: {err}") from err
-    text = data.decode("utf-8-sig", errors="replace")
+    # surrogateescape keeps undecodable bytes as lone surrogates, found per row below.
+    text = data.decode("utf-8-sig", errors="surrogateescape")
     if uri.endswith(".csv"):
-        return [(dict(r), None) for r in csv.DictReader(io.StringIO(text))]
-    rows: list[tuple[dict[str, Any] | None, str | None]] = []
+        return [_checked(record, None) for record in _csv_records(text)]
+    rows: Records = []
     for line in text.splitlines():
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            rows.append((None, f"invalid JSON: {err}"))
+            rows.append((None, _undecodable(line) or ParseError("wrong_type", "<row>",
+                                                                f"invalid JSON: {err}")))
             continue
         if not isinstance(record, dict):
-            rows.append((None, f"expected a JSON object, got {type(record).__name__}"))
+            rows.append((None, ParseError("wrong_type", "<row>", "expected a JSON object, got "
+                                          f"{type(record).__name__}")))
             continue
-        rows.append((record, None))
+        rows.append(_checked(record, None))
     return rows
+
+
+@dataclass(frozen=True)
+class ParseError:
+    """Why a row could not be read as a record (becomes its reject)."""
+
+    reason: str
+    field: str
+    detail: str
+
+
+def _csv_records(text: str) -> Iterator[dict[str, Any]]:
+    """CSV rows as dicts; cells beyond the header stay under the key None."""
+    previous = csv.field_size_limit()
+    csv.field_size_limit(sys.maxsize)  # length is checked per row, against max_text_chars
+    try:
+        yield from csv.DictReader(io.StringIO(text))
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _undecodable(value: Any, field: str = "<row>") -> ParseError | None:
+    """``bad_encoding`` for the first text (in ``value``, recursively) holding bytes that
+    were not UTF-8 (lone surrogates from ``surrogateescape``)."""
+    if isinstance(value, str):
+        if _SURROGATES.search(value) is None:
+            return None
+        raw = value.encode("utf-8", errors="surrogateescape")
+        return ParseError("bad_encoding", field, f"bytes that are not UTF-8: {raw[:60]!r}")
+    items = (value.items() if isinstance(value, dict)
+             else enumerate(value) if isinstance(value, list) else ())
+    for key, item in items:
+        name = str(key) if field == "<row>" else f"{field}[{key}]"
+        if (found := _undecodable(item, name)) is not None:
+            return found
+    return None
+
+
+def _checked(record: dict[str, Any], error: ParseError | None
+             ) -> tuple[dict[str, Any], ParseError | None]:
+    """(record, its parse error): extra CSV cells, then text that was not UTF-8."""
+    if error is None and record.get(None):
+        error = ParseError("extra_cells", "<row>", f"{len(record[None])} cell(s) beyond the "
+                           f"header: {record[None]!r:.120}")
+    record = {k if k is not None else "<extra cells>": v for k, v in record.items()}
+    return record, error or _undecodable(record)
 
 
 def _require_columns(uri: str, records: list, required: tuple[str, ...]) -> None:
@@ -120,15 +181,40 @@ def _dataset_name(uri: str) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class OutsideRoot:
+    """An image path that resolves outside its image root (rejected, never opened)."""
+
+    path: str
+    root: str
+
+
 def _image_uri(root: str, path: Any) -> Any:
-    """Resolve a relative image path against its root; '' / None = no image."""
+    """The URI of an image path: relative to its root, or absolute inside it; '' / None = no
+    image. A path that leaves the root (``..``, an absolute path elsewhere, a symlink that
+    points out) gives :class:`OutsideRoot`; a non-string is left for validation."""
     if path is None or path == "":
         return None
     if not isinstance(path, str):
         return path  # validation rejects it as wrong_type
-    if storage.is_s3(path) or path.startswith("/"):
-        return path
-    return storage.join(root, path)
+    absolute = storage.is_s3(path) or path.startswith("/")
+    uri = _s3_normalized(path if absolute else storage.join(root, path))
+    return uri if _inside_root(uri, root) else OutsideRoot(path, root)
+
+
+def _s3_normalized(uri: str) -> str:
+    """An ``s3://`` URI with ``.`` and ``..`` resolved (S3 keys take them literally)."""
+    return "s3://" + posixpath.normpath(uri[len("s3://"):]) if storage.is_s3(uri) else uri
+
+
+def _inside_root(uri: str, root: str) -> bool:
+    """``uri`` lies under ``root``: ``..`` resolved; locally also every symlink."""
+    if storage.is_s3(uri) or storage.is_s3(root):
+        top = _s3_normalized(root).rstrip("/") + "/"
+        return storage.is_s3(uri) and storage.is_s3(root) and uri.startswith(top)
+    resolved = os.path.realpath(uri.removeprefix("file://"))
+    top = os.path.realpath(root.removeprefix("file://"))
+    return os.path.commonpath([resolved, top]) == top
 
 
 def _root_of(uri: str, image_root: str) -> str:

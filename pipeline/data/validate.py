@@ -12,16 +12,19 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.data.images import ImageDecodeError, PackedImage, PackOptions, content_key, pack_image
-from pipeline.data.readers import RawRow
+from pipeline.data.readers import OutsideRoot, RawRow
 from pipeline.data.schemas import IMAGE_PLACEHOLDER
 
 
 class RowError(Exception):
-    """Why one row is refused."""
+    """Why one row is refused. Pickles (it crosses Ray task boundaries inside task args)."""
 
     def __init__(self, reason: str, field: str, detail: str) -> None:
         super().__init__(f"{field}: {reason}: {detail}")
         self.reason, self.field, self.detail = reason, field, detail
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        return type(self), (self.reason, self.field, self.detail)
 
 
 def reject_record(raw: RawRow, err: RowError) -> dict[str, Any]:
@@ -40,9 +43,13 @@ class ImageLoader:
         self._read = read
         self._cache: dict[str, PackedImage | RowError] = {}
 
+    @property
+    def frames_dropped(self) -> int:
+        """Frames after the first of the multi-frame images packed so far (each URI once)."""
+        return sum(r.frames_dropped for r in self._cache.values() if isinstance(r, PackedImage))
+
     def load(self, uri: Any, field: str) -> PackedImage:
-        if not isinstance(uri, str):
-            raise RowError("wrong_type", field, f"image path must be a string, got {uri!r}")
+        uri = image_uri(uri, field)
         if uri not in self._cache:
             self._cache[uri] = self._load_uncached(uri, field)
         result = self._cache[uri]
@@ -58,7 +65,19 @@ class ImageLoader:
         try:
             return pack_image(raw, self.options)
         except ImageDecodeError as err:
-            return RowError("corrupt_image", field, f"{uri}: {err}")
+            return RowError(err.reason, field, f"{uri}: {err}")
+
+
+def image_uri(value: Any, field: str) -> str:
+    """The URI of a row's image field, or the RowError of a path outside its root or of a
+    value that is not a path."""
+    if isinstance(value, OutsideRoot):
+        raise RowError("path_outside_root", field, f"{value.path!r} resolves outside the image "
+                       f"root {value.root} (not opened); put the image under the root or set "
+                       "the source's image root to a folder that holds it")
+    if not isinstance(value, str):
+        raise RowError("wrong_type", field, f"image path must be a string, got {value!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------
@@ -106,8 +125,8 @@ def _as_list(value: Any, field: str) -> list:
 
 
 def _check_parsed(raw: RawRow) -> None:
-    if raw.parse_error is not None:
-        raise RowError("wrong_type", "<row>", raw.parse_error)
+    if (error := raw.parse_error) is not None:
+        raise RowError(error.reason, error.field, error.detail)
     if raw.duplicate_of is not None:
         raise RowError("duplicate_id", "id", f"id {raw.id!r} first seen at {raw.duplicate_of}")
 
@@ -167,9 +186,7 @@ def validate_eval(raw: RawRow, image_keys: dict[str, str | RowError], max_chars:
     def key_of(uri: Any, field: str) -> str | None:
         if uri is None:
             return None
-        if not isinstance(uri, str):
-            raise RowError("wrong_type", field, f"image path must be a string, got {uri!r}")
-        result = image_keys[uri]
+        result = image_keys[image_uri(uri, field)]
         if isinstance(result, RowError):
             raise RowError(result.reason, field, result.detail)
         return result

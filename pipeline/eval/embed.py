@@ -102,7 +102,7 @@ def load_images(task: EvalEmbedTask,
             except FileNotFoundError as err:
                 error = ("missing_image", f"image not found: {ref} ({err})")
             except (ImageDecodeError, OSError, ValueError, TypeError) as err:
-                error = ("corrupt_image", f"{ref}: {err}")
+                error = (getattr(err, "reason", "corrupt_image"), f"{ref}: {err}")
         images.append(image)
         errors.append(error)
     return images, errors

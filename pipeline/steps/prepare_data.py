@@ -72,22 +72,25 @@ def run(config: Config) -> dict[str, Any]:
     start = time.perf_counter()
     folder = config.step_dir(NAME)
     owner = base.step_hash(config, NAME)
-    if (done := base.finished(config, NAME)) is not None:
-        return done
-    base.claim(config, NAME)
     sources = prepare.resolve_sources(config)
     fingerprints = prepare.source_fingerprints(sources)
+    if (done := base.finished(config, NAME)) is not None:
+        prepare.check_same_sources(done.get("inputs"), fingerprints, folder, config.run_root)
+        return done
+    base.claim(config, NAME)
     tables = prepare.read_sources(sources)
     job = prepare.TableJob(folder=folder, owner=owner, job_record=base.job_record(config, NAME),
                            config_hash=config.config_hash, options=prepare.pack_options(config),
                            max_text_chars=config.data.max_text_chars,
-                           rows_per_shard=config.data.rows_per_shard, inputs=fingerprints)
+                           rows_per_shard=config.data.rows_per_shard, inputs=fingerprints,
+                           max_reject_fraction=config.data.max_reject_fraction,
+                           run_root=config.run_root)
     manifests: dict[str, dict[str, Any]] = {}
     for name in ("text_groups", "pairs"):
         if name in tables:
             manifests[name] = prepare.write_table(name, tables[name], job)
     if "eval" in tables:
-        image_rows = [RawRow(id=None, source=uri, values={"image": uri})
+        image_rows = [RawRow(id=None, source=uri, values={"image": uri}, image_uris={"image": uri})
                       for uri in eval_image_uris(tables["eval"])]
         manifests["eval_images"] = prepare.write_table("eval_images", image_rows, job)
         keys = prepare.read_image_keys(storage.join(folder, "eval_images"))
