@@ -17,9 +17,11 @@ from collections.abc import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 
+# Fake credentials the loopback server accepts; distinctive, so that a scan of every output
+# file and log can tell they were never written (tests/test_prepare.py).
 S3_TEST_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_ACCESS_KEY_ID": "AKIAUNIMEFAKEKEY0001",
+    "AWS_SECRET_ACCESS_KEY": "unime-fake-secret-never-written-0001",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 

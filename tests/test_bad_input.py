@@ -9,6 +9,7 @@ import importlib
 import inspect
 import io
 import json
+import pathlib
 import pickle
 import pkgutil
 import resource
@@ -269,3 +270,33 @@ def test_extra_csv_cells_reject_the_row(tmp_path):
     with pytest.raises(RowError) as err:
         validate_text_group(extra, 100)
     assert err.value.reason == "extra_cells" and "surprise" in err.value.detail
+
+
+# ---------------------------------------------------------------------------------------
+# Untrusted model files
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: the code a malicious .bin would run."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def test_a_pickled_weights_file_is_refused_without_running_it(tmp_path):
+    import torch
+
+    from pipeline.models import Embedder, build_tiny_model
+
+    folder = pathlib.Path(build_tiny_model("llava_next", tmp_path / "tiny"))
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "payload-ran"
+    torch.save({"weights": _Payload(str(marker))}, folder / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors"):
+        Embedder.from_pretrained(folder, device="cpu")
+    assert not marker.exists()
+    torch.load(folder / "pytorch_model.bin", weights_only=False)  # the payload is real
+    assert marker.exists()

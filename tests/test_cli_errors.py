@@ -16,6 +16,8 @@ from pipeline.config import ConfigError, load_config
 from pipeline.data.readers import SourceError
 from pipeline.steps import base
 
+pytestmark = pytest.mark.reliability
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "jobs" / "configs" / "demo.yaml")
 STARTUP_TIMEOUT = ("The current node timed out during startup. This could happen because some "

@@ -221,6 +221,7 @@ def test_float_knobs_are_found():
 @pytest.mark.parametrize("text, shown", [("nan", "nan"), ("inf", "inf"), ("-inf", "-inf"),
                                          (".nan", "nan"), (".inf", "inf"), ("NaN", "nan"),
                                          ("Infinity", "inf")])
+@pytest.mark.reliability
 def test_every_float_knob_refuses_non_finite_overrides(text, shown):
     for key in float_keys():
         with pytest.raises(ConfigError) as info:
@@ -228,6 +229,7 @@ def test_every_float_knob_refuses_non_finite_overrides(text, shown):
         assert str(info.value) == f"{key}={shown}: not a finite number"
 
 
+@pytest.mark.reliability
 def test_non_finite_numbers_in_yaml_are_refused(tmp_path):
     for section, key, value, shown in (("stage2", "fn_margin", ".nan", "nan"),
                                        ("ray", "resource_wait_s", ".inf", "inf"),
@@ -277,6 +279,7 @@ def test_finite_floats_and_null_still_pass():
                                         "bucket"),
     ("eval.models=['s3:///m']", "eval.models entry 's3:///m': an s3:// URI needs a bucket"),
 ])
+@pytest.mark.reliability
 def test_model_locations_of_a_form_nothing_loads_are_refused(override, message):
     with pytest.raises(ConfigError) as info:
         load_config(DEMO, [override])

@@ -67,6 +67,7 @@ def wait_for(predicate, timeout_s: float, what: str) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.reliability
 def test_steps_as_ray_jobs_skip_when_done_and_resume_after_a_stop(
         no_local_ray, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ray.job_submission import JobStatus, JobSubmissionClient

@@ -100,6 +100,7 @@ def test_corrupt_image_and_empty_text_become_two_rejects(ray_local, tmp_path):
     assert json.loads(by_id["task:3"]["row_json"]) == rows[3]
 
 
+@pytest.mark.reliability
 def test_rerun_skips_completed_shards(ray_local, tmp_path):
     config = small_config(tmp_path / "run")
     first = prepare_data(config)
@@ -123,6 +124,7 @@ def test_rerun_skips_completed_shards(ray_local, tmp_path):
     assert prepare_data(config)["seconds"] == second["seconds"]
 
 
+@pytest.mark.reliability
 def test_other_config_cannot_write_into_the_same_folder(ray_local, tmp_path):
     prepare_data(small_config(tmp_path / "run"))
     os.remove(tmp_path / "run" / "prepare_data" / "_manifest.json")
@@ -143,6 +145,34 @@ def test_prepare_to_s3(ray_local, s3_bucket):
     assert storage.exists(f"{root}/sources/demo_world/world.json")
     assert manifest["sources"]["mmeb_train"].startswith("s3://")
     assert len(table_rows(f"{step}/pairs")) == manifest["tables"]["pairs"]["rows_out"]
+
+
+@pytest.mark.cluster
+@pytest.mark.reliability
+def test_credentials_are_in_no_output_file_and_no_ray_log(ray_local, s3_bucket, tmp_path):
+    """Prepare to S3 and to a local folder with fake credentials in the environment, then
+    read every object, output file and Ray log of the session: neither key appears."""
+    import boto3
+    import ray
+
+    from tests.conftest import S3_TEST_ENV
+
+    secrets = [S3_TEST_ENV["AWS_ACCESS_KEY_ID"].encode(),
+               S3_TEST_ENV["AWS_SECRET_ACCESS_KEY"].encode()]
+    prepare_data(small_config(f"{s3_bucket}/runs/demo"))
+    prepare_data(small_config(tmp_path / "run"))
+    client = boto3.client("s3", region_name="us-east-1")
+    bucket = s3_bucket.removeprefix("s3://")
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    blobs = {f"{s3_bucket}/{k}": client.get_object(Bucket=bucket, Key=k)["Body"].read()
+             for k in keys}
+    session = pathlib.Path(ray._private.worker._global_node.get_session_dir_path())
+    for folder in (tmp_path, session / "logs"):
+        blobs.update({str(p): p.read_bytes() for p in folder.rglob("*") if p.is_file()})
+    assert len(keys) > 20 and len(blobs) > 60
+    leaked = [name for name, data in blobs.items() if any(s in data for s in secrets)]
+    assert leaked == []
 
 
 def test_cli_rejects_bad_config_before_any_work(tmp_path):

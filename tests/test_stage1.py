@@ -110,6 +110,7 @@ def test_rerun_is_skipped(full_run: tuple[Config, dict]) -> None:
     assert time.perf_counter() - start < 10
 
 
+@pytest.mark.reliability
 def test_stop_and_resume_on_s3_with_zero3_equals_uninterrupted(
         full_run: tuple[Config, dict], inputs: pathlib.Path, s3_bucket: str,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -506,6 +506,9 @@ def test_pinned_losses_and_outputs(full_run: tuple[Config, dict]) -> None:
     for row in rows:
         assert row["hn_num_candidates"] > 0 and 0 <= row["hn_false_negative_rate"] <= 1
         assert -1 <= row["hn_mean_pos_sim"] <= 1 and row["grad_norm"] > 0
+        # A step's time includes its data: the wait for its inputs and the compute.
+        assert row["step_s"] >= row["compute_s"] + row["data_wait_s"] - 1e-6
+        assert row["compute_s"] > 0 and row["data_wait_s"] >= 0 and row["prepare_s"] > 0
     stage = pathlib.Path(config.step_dir("stage2"))
     for name in ("curves.png", "adapter/adapter_model.safetensors", "model/model.safetensors",
                  "export_check.json", "train_summary.json"):
@@ -515,6 +518,7 @@ def test_pinned_losses_and_outputs(full_run: tuple[Config, dict]) -> None:
     assert read_backbone_meta(stage / "model")["prompt_mode"] == "instruction"
 
 
+@pytest.mark.reliability
 @pytest.mark.integration
 def test_stop_and_resume_equals_uninterrupted(full_run: tuple[Config, dict],
                                               mined: pathlib.Path) -> None:

@@ -114,6 +114,7 @@ def test_exists_and_delete(root: str) -> None:
     assert not storage.exists(storage.join(root, "sub", "deeper", "g.bin"))
     storage.delete_prefix(storage.join(root, "never-was"))  # missing: no error
 
+@pytest.mark.reliability
 def test_crash_before_rename_leaves_nothing(tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     folder = str(tmp_path / "out")
@@ -131,6 +132,7 @@ def test_crash_before_rename_leaves_nothing(tmp_path: Path,
     assert os.listdir(folder) == []  # the temp file was removed, the final name never made
     assert outputs.shard_uris(folder) == []
 
+@pytest.mark.reliability
 def test_killed_writer_leaves_only_an_ignored_temp_file(tmp_path: Path) -> None:
     folder = tmp_path / "out"
     code = textwrap.dedent(f"""
@@ -147,6 +149,7 @@ def test_killed_writer_leaves_only_an_ignored_temp_file(tmp_path: Path) -> None:
     assert storage.list_files(str(folder)) == []
     assert outputs.completed_shards(str(folder)) == set()
 
+@pytest.mark.reliability
 def test_failed_serialisation_publishes_nothing(root: str,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     def half_then_fail(table: pa.Table, sink: pa.NativeFile, **kwargs: object) -> None:
@@ -225,6 +228,7 @@ def test_not_found_and_non_io_errors_are_not_wrapped() -> None:
     assert missing.calls == bug.calls == 1
 
 # -- S3 failure modes ----------------------------------------------------------------------------
+@pytest.mark.reliability
 @pytest.mark.cluster
 def test_unreachable_endpoint_fails_fast_and_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

@@ -71,6 +71,7 @@ def test_vectors_match_sentence_transformers(ray_local, tmp_path, reference_mode
     assert np.array_equal(read_groups(folder)[2], emb)
 
 
+@pytest.mark.reliability
 def test_nan_vectors_reject_their_group(tmp_path):
     """One NaN vector rejects its whole group, with the reason and the text's position."""
     source = tmp_path / "in.parquet"

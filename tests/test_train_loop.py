@@ -302,3 +302,20 @@ def test_stage1_keeps_the_vision_tower_frozen_and_in_eval_mode(tmp_path) -> None
     next(resolve_path(model.model, "model.multi_modal_projector").parameters()).requires_grad_()
     with pytest.raises(FrozenParameterError, match="vision tower or projector trains"):
         spec.check_frozen(model)
+
+
+def test_step_metrics_count_the_time_spent_on_data() -> None:
+    """samples/s and tokens/s are over the step's wall time (data wait included), not over
+    the compute alone; the parts are kept beside it."""
+    from pipeline.train.loop import StepBatch, with_data_time
+
+    batch = StepBatch(chunks=[], loss_fn=lambda emb: emb.sum(), num_samples=64,
+                      num_tokens=6400, prepare_s=0.3)
+    compute = {"loss": 1.0, "samples_per_s": 64 / 0.2, "tokens_per_s": 6400 / 0.2,
+               "step_s": 0.2}
+    row = with_data_time(compute, batch, wait_s=0.05, wall_s=0.25)
+    assert row["step_s"] == 0.25 and row["compute_s"] == 0.2
+    assert row["data_wait_s"] == 0.05 and row["prepare_s"] == 0.3
+    assert row["samples_per_s"] == pytest.approx(64 / 0.25)
+    assert row["tokens_per_s"] == pytest.approx(6400 / 0.25)
+    assert row["loss"] == 1.0
