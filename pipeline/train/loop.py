@@ -150,6 +150,7 @@ class StepBatch:
     num_samples: int                              # local samples (rows embedded)
     num_tokens: int                               # local non-padding tokens
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # filled by loss_fn
+    prepare_s: float = 0.0                        # building it (prefetch thread)
 
 
 class StageSpec(Protocol):
@@ -429,6 +430,21 @@ def train_step(ctx: WorkerContext, engine: Any, spec: StageSpec,
             **batch.metrics}
 
 
+def with_data_time(stats: dict[str, float], batch: StepBatch, *, wait_s: float,
+                   wall_s: float) -> dict[str, float]:
+    """A step's metrics over its whole time: ``step_s`` = wall time since the previous step
+    ended (waiting for data, an epoch's row exchange, the previous step's logging and
+    checkpoint included), ``compute_s`` = forward, backward and optimizer, ``data_wait_s`` =
+    the part spent waiting for this step's inputs, ``prepare_s`` = what building them took
+    in the prefetch thread (hidden behind compute when ``data_wait_s`` is near 0); samples/s
+    and tokens/s over ``step_s``."""
+    compute_s = stats["step_s"]
+    scale = compute_s / wall_s if wall_s > 0 else 1.0
+    return {**stats, "samples_per_s": stats["samples_per_s"] * scale,
+            "tokens_per_s": stats["tokens_per_s"] * scale, "step_s": wall_s,
+            "compute_s": compute_s, "data_wait_s": wait_s, "prepare_s": batch.prepare_s}
+
+
 def chunk_rows(items: list[Any], chunk_size: int) -> list[list[Any]]:
     """``items`` in chunks of ``chunk_size`` (0 = one chunk: the plain full-batch path)."""
     if chunk_size <= 0:
@@ -511,6 +527,7 @@ def run_worker(ctx: WorkerContext, spec: StageSpec, checkpoint: Any,
                     settings.train.zero_stage)
     attempt_start, elapsed_before, resumed_from = time.perf_counter(), state.elapsed_s, state.step
     spec.set_train_mode(engine.module)
+    tick = time.perf_counter()  # end of the previous step: each step's wall time starts here
     while state.step < settings.stop_step:
         state.epoch, start = divmod(state.step, settings.steps_per_epoch)
         order = settings.epoch_order(state.epoch)
@@ -526,7 +543,11 @@ def run_worker(ctx: WorkerContext, spec: StageSpec, checkpoint: Any,
             torch.manual_seed(step_seed(settings.train.seed, state.step, ctx.rank))
             ctx.step = state.step
             spec.check_frozen(engine.module)
+            received = time.perf_counter()
             stats = train_step(ctx, engine, spec, batch)
+            done = time.perf_counter()
+            stats = with_data_time(stats, batch, wait_s=received - tick, wall_s=done - tick)
+            tick = done
             state.step += 1
             state.loss = stats["loss"]
             state.elapsed_s = elapsed_before + time.perf_counter() - attempt_start
@@ -561,9 +582,11 @@ def _prepare_step(ctx: WorkerContext, spec: StageSpec, module: torch.nn.Module, 
     local = local_positions(order, step_in_epoch, ctx.rank, world_size=ctx.world_size,
                             global_batch_rows=settings.global_batch_rows)
     step_ctx = dataclasses.replace(ctx, step=first_step + i)
+    begin = time.perf_counter()
     batch = spec.make_step(step_ctx, module, spec.decode_rows(rows.batch(local)), positions)
     if ctx.device.type == "cuda":
         batch.chunks = [pin_memory(chunk) for chunk in batch.chunks]
+    batch.prepare_s = time.perf_counter() - begin
     return batch
 
 

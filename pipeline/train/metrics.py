@@ -2,7 +2,9 @@
 
 One :class:`MetricsLogger` lives on rank 0 of a training run (the only writer: no racing
 files). Every optimizer step adds one row (``step``, ``epoch``, ``loss``, ``lr``,
-``grad_norm``, ``samples_per_s``, ``tokens_per_s``, ``step_s``, ``elapsed_s``); every
+``grad_norm``, ``samples_per_s``, ``tokens_per_s``, ``step_s`` (wall time, data included),
+``compute_s``, ``data_wait_s``, ``prepare_s``, ``elapsed_s``: ``pipeline.train.loop.
+with_data_time``); every
 ``log_every_steps`` steps it prints a progress line, and on :meth:`flush` (the loop calls
 it every ``log_every_steps`` steps, at checkpoints and at the end) it writes to the stage
 folder, local or ``s3://``:
