@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: demo test lint install clean
+.PHONY: demo test bench lint install clean
 
 install: $(STAMP)
 
@@ -27,6 +27,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline jobs tests bench

@@ -1,15 +1,18 @@
 """Benchmark: our mining search + filter vs sentence-transformers' mine_hard_negatives.
 
     .venv/bin/python bench/mining.py [--sizes 20000 40000 80000 160000] [--dims 384 1024]
+                                     [--repeats 3]
 
 In one run, on the same synthetic embeddings (Q queries, N corpus rows = Q positives +
 N - Q other documents, unit vectors with near-duplicates and true neighbours), for each
 (N, d): (a) ``sentence_transformers.util.mine_hard_negatives`` with FAISS and (b) our
 ``search_topk`` (faiss backend, blockwise) + ``select_negatives``, with equivalent settings
-(UniME margin 0.1 = their absolute_margin=-0.1, 8 negatives from the top 64). Prints the
-speed-up (a)/(b), the agreement of the chosen negatives, and how close our search comes
-to this machine's own measured fp32 GEMM rate (FLOPs of the search / time / GEMM FLOP/s);
-writes bench/results/mining.json.
+(UniME margin 0.1 = their absolute_margin=-0.1, 8 negatives from the top 64). Each side runs
+``--repeats`` times, alternating which goes first (the machine is shared and noisy); the
+speed-up is the median of the per-repetition ratios (a)/(b), with its min and max. Also the
+agreement of the chosen negatives, and the search's rate as a share of this machine's GEMM
+limit: the best of every BLAS library present (``bench/machine.py``), measured in this
+process before each d. Writes bench/results/mining.json.
 
 ``datasets`` is not installed here: tests/st_standins.py supplies a minimal in-memory
 ``datasets.Dataset`` and a model whose ``encode`` returns the fixed vectors, so both
@@ -20,14 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
+from bench.machine import describe, gemm_limit  # noqa: E402
 from pipeline.mining import search_topk, select_negatives  # noqa: E402
 from tests.st_standins import (  # noqa: E402
     FixedEmbeddingModel,
@@ -88,54 +92,68 @@ def our_mine(queries: np.ndarray, corpus: np.ndarray) -> tuple[float, float, lis
                                      for row in selection.neg_ids]
 
 
-def gemm_flops(d: int, repeats: int = 7) -> float:
-    """Best-of-``repeats`` fp32 GEMM rate of this machine (torch, all threads)."""
-    a, b = torch.randn(4096, d), torch.randn(d, 8192)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * 4096 * 8192 * d / best
+def ratio_stats(ratios: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(ratios), 4), "min": round(min(ratios), 4),
+            "max": round(max(ratios), 4), "repeats": len(ratios)}
 
 
-def main() -> None:
+def bench_size(queries: np.ndarray, corpus: np.ndarray, repeats: int) -> dict:
+    """Both sides ``repeats`` times, alternating which runs first."""
+    st_times, ours_times, search_times, ratios = [], [], [], []
+    st_neg = ours_neg = None
+    for rep in range(repeats):
+        order = ("st", "ours") if rep % 2 == 0 else ("ours", "st")
+        for side in order:
+            if side == "st":
+                st_seconds, st_neg = st_mine(queries, corpus)
+            else:
+                ours_seconds, search_seconds, ours_neg = our_mine(queries, corpus)
+        st_times.append(st_seconds)
+        ours_times.append(ours_seconds)
+        search_times.append(search_seconds)
+        ratios.append(st_seconds / ours_seconds)
+    agree = float(np.mean([a == b for a, b in zip(st_neg, ours_neg, strict=True)]))
+    return {"st_seconds": statistics.median(st_times),
+            "ours_seconds": statistics.median(ours_times),
+            "ours_search_seconds": statistics.median(search_times),
+            "speedup": ratio_stats(ratios), "identical_negatives": agree}
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[20000, 40000, 80000, 160000])
     parser.add_argument("--dims", type=int, nargs="+", default=[384, 1024])
     parser.add_argument("--queries", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                       "mining.json"))
-    args = parser.parse_args()
-    runs = []
+    args = parser.parse_args(argv)
+    runs, limits = [], {}
     for d in args.dims:
-        gemm = gemm_flops(d)
-        print(f"d={d}: measured fp32 GEMM {gemm / 1e9:.0f} GFLOP/s")
+        limit = limits[d] = gemm_limit(d)
+        print(f"d={d}: GEMM limit {limit['gflops']:.0f} GFLOP/s ({limit['library']}; "
+              + ", ".join(f"{k} {v:.0f}" for k, v in limit["rates"].items()) + ")")
         for n in args.sizes:
             queries, corpus = make_world(n, args.queries, d)
-            st_seconds, st_neg = st_mine(queries, corpus)
-            ours_seconds, search_seconds, ours_neg = our_mine(queries, corpus)
-            agree = float(np.mean([a == b for a, b in zip(st_neg, ours_neg, strict=True)]))
-            flops = 2.0 * len(queries) * n * d
-            run = {"n": n, "d": d, "queries": len(queries), "st_seconds": st_seconds,
-                   "ours_seconds": ours_seconds, "ours_search_seconds": search_seconds,
-                   "speedup": st_seconds / ours_seconds, "identical_negatives": agree,
-                   "search_gflops": flops / search_seconds / 1e9,
-                   "fraction_of_gemm": flops / search_seconds / gemm,
-                   "gemm_gflops": gemm / 1e9}
+            run = {"n": n, "d": d, "queries": len(queries),
+                   **bench_size(queries, corpus, args.repeats)}
+            search_gflops = 2.0 * len(queries) * n * d / run["ours_search_seconds"] / 1e9
+            run.update(search_gflops=round(search_gflops, 1),
+                       fraction_of_gemm_limit=round(search_gflops / limit["gflops"], 4))
             runs.append(run)
-            print(f"  N={n:>7}: mine_hard_negatives {st_seconds:6.2f} s | ours {ours_seconds:6.2f}"
-                  f" s (search {search_seconds:.2f} s) | speed-up {run['speedup']:.2f}x | "
-                  f"identical negatives {agree:.1%} | search at {run['fraction_of_gemm']:.0%} "
-                  f"of GEMM")
-    result = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-              "num_negatives": NUM_NEGATIVES, "range_max": RANGE_MAX, "margin": MARGIN,
-              "runs": runs}
+            ratio = run["speedup"]
+            print(f"  N={n:>7}: mine_hard_negatives {run['st_seconds']:6.2f} s | ours "
+                  f"{run['ours_seconds']:6.2f} s (search {run['ours_search_seconds']:.2f} s) | "
+                  f"speed-up {ratio['median']:.2f}x [{ratio['min']:.2f}, {ratio['max']:.2f}] | "
+                  f"identical negatives {run['identical_negatives']:.1%} | search at "
+                  f"{run['fraction_of_gemm_limit']:.0%} of the GEMM limit")
+    result = {"machine": describe(), "num_negatives": NUM_NEGATIVES, "range_max": RANGE_MAX,
+              "margin": MARGIN, "repeats": args.repeats, "gemm_limit": limits, "runs": runs}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.out}")
+    return result
 
 
 if __name__ == "__main__":
