@@ -283,3 +283,19 @@ def test_a_changed_source_file_is_refused_on_rerun(ray_local, tmp_path):
     with pytest.raises(SourcesChangedError, match="table .*text_groups was prepared from "
                                                   "other source files"):
         prepare_data(config)
+
+
+@pytest.mark.reliability
+def test_a_text_only_eval_set_has_an_empty_eval_images_table(ray_local, tmp_path):
+    """eval_images is derived from the eval rows: none of them has an image, so it is empty,
+    and that is not the empty-source error."""
+    src = tmp_path / "eval"
+    src.mkdir()
+    (src / "texts.jsonl").write_text("".join(json.dumps(
+        {"qry_text": f"query {i}", "qry_img_path": "", "tgt_text": [f"a{i}", f"b{i}"],
+         "tgt_img_path": ["", ""]}) + "\n" for i in range(4)))
+    config = load_config(DEMO, [f"output_root={tmp_path / 'run'}", "data.use_demo_world=false",
+                                f"data.sources.mmeb_eval={src}"])
+    tables = prepare_data(config)["tables"]
+    assert tables["eval_images"]["rows_in"] == 0
+    assert (tables["eval"]["rows_in"], tables["eval"]["rows_out"]) == (4, 4)

@@ -213,12 +213,17 @@ def _digest(files: list[dict[str, Any]] | None) -> str:
            f"{sum(f.get('bytes', 0) for f in files)} bytes)"
 
 
+DERIVED_TABLES = ("eval_images",)  # built from other tables' rows: may be empty (text-only)
+
+
 def check_rejects(name: str, output: ShardedOutput, num_shards: int,
                   max_fraction: float) -> Callable[[dict[str, Any]], None]:
-    """A table manifest check: refuse no rows in, no rows out, or a reject share above
-    ``max_fraction``, naming the top reasons and one rejected row."""
+    """A table manifest check: refuse no rows in (a source table), no rows out, or a reject
+    share above ``max_fraction``, naming the top reasons and one rejected row."""
     def check(manifest: dict[str, Any]) -> None:
         rows_in, rejected = manifest["rows_in"], manifest["rows_rejected"]
+        if rows_in == 0 and name in DERIVED_TABLES:
+            return
         if rows_in == 0:
             raise RejectedTableError(f"{name}: its sources hold no rows (an empty file?); "
                                      "fill them or leave that source unset")
